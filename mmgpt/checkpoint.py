@@ -1,0 +1,79 @@
+"""Atomic checkpoints: everything is written into a temporary folder that is renamed only once complete.
+
+A folder named `step-N` is therefore always whole; `.tmp-*` folders are leftovers of an interrupted write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a fresh temporary folder beside `final`, then rename it to `final`.
+
+    If `write` fails (disk full, an error while saving) the temporary folder is removed and `final`, if it
+    existed, is untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_trainer_state(folder: Path, state: dict) -> None:
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def load_trainer_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def prune(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and leftovers of interrupted writes."""
+    for _, path in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    folder = checkpoints_dir(output_dir)
+    for path in folder.glob(".tmp-*") if folder.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Run configuration: dataclasses are the single source of truth; YAML and `--set a.b=c` only supply values."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/shapes/train.jsonl"
+    eval: str = ""
+    skip_bad_records: bool = False  # skip (and count, and report) bad records instead of stopping
+    max_length: int = 0  # longest sample in tokens; 0 = the decoder's context length
+
+
+@dataclass
+class VisionConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm ViT
+    pretrained: str = ""  # "" = random init; a hub name (e.g. "timm/...") or a local weights file
+    kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
+
+
+@dataclass
+class TextConfig:
+    pretrained: str = ""  # "" = build from `config`; else a hub name or a local transformers folder
+    config: dict = field(default_factory=lambda: {"model_type": "gpt2"})  # used when `pretrained` is empty
+    tokenizer: str = ""  # "" = the pretrained decoder's, or a BPE trained on the training text if none
+    bpe_vocab_size: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_shuffle_factor: int = 1  # >1 merges r x r patches into one token (r^2 fewer image tokens)
+    init_from: str = ""  # start from a saved model folder (e.g. a previous stage's OUTPUT/final)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr: float = 5e-4
+    lr_multipliers: dict = field(default_factory=dict)  # per module: {"vision": 2.0, "language_model": 1.0}
+    freeze: list = field(default_factory=list)  # module names to freeze: vision, projector, language_model
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto (bf16 where the hardware has it), bf16, fp16, no
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row
+    num_workers: int = 0
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    kind = typing.get_origin(annotation) or annotation
+    if isinstance(kind, str):
+        kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[kind]
+    if kind is types.UnionType:
+        kind = typing.get_args(annotation)[0]
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(target: Any, values: dict, prefix: str = "") -> None:
+    known = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"unknown config key '{key}' (known here: {', '.join(sorted(known))})")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give it a mapping")
+            _apply(current, value, key + ".")
+        else:
+            setattr(target, name, _coerce(value, known[name].type, key))
+
+
+def _set_dotted(config: Config, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' must look like dotted.key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    parts = key.split(".")
+    target: Any = config
+    for depth, part in enumerate(parts[:-1]):
+        if dataclasses.is_dataclass(target):
+            if part not in {f.name for f in dataclasses.fields(target)}:
+                raise ConfigError(f"unknown config key '{'.'.join(parts[: depth + 1])}'")
+            target = getattr(target, part)
+        elif isinstance(target, dict):
+            target = target.setdefault(part, {})
+        else:
+            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is not a section")
+    if isinstance(target, dict):
+        target[parts[-1]] = value
+    else:
+        _apply(target, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- `dotted.key=value` overrides, each checked against the dataclasses."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        _apply(config, values)
+    for assignment in overrides:
+        _set_dotted(config, assignment)
+    return config

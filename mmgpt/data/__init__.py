@@ -1,0 +1,1 @@
+"""Files -> records -> tokens + pixels -> batches."""

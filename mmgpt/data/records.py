@@ -1,0 +1,142 @@
+"""JSONL records -> `Sample`s: the one place that knows the on-disk formats and checks them.
+
+Interleaved document: {"content": [{"type": "text", "text": ...}, {"type": "image", "image": "img/1.png"}, ...]}
+Chat: {"messages": [{"role": "system"|"user"|"assistant", "content": [items] or "plain text"}, ...]}
+Image paths are relative to the JSONL file and must stay inside its folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+from PIL import Image
+
+ROLES = ("system", "user", "assistant")
+ImageRef = Union[str, Path, Image.Image]
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names the file, the line and the cause."""
+
+
+@dataclass
+class Segment:
+    """A piece of a turn: either text or one image (a path or a PIL image)."""
+
+    text: str | None = None
+    image: ImageRef | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass
+class Turn:
+    """One chat message, or the whole of a document (role None)."""
+
+    role: str | None
+    segments: list[Segment]
+
+
+@dataclass
+class Sample:
+    """A parsed record; `source` says where it came from, for error messages."""
+
+    turns: list[Turn]
+    source: str = "<memory>"
+    is_chat: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_chat = any(turn.role is not None for turn in self.turns)
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [segment.image for turn in self.turns for segment in turn.segments if segment.is_image]
+
+
+def _parse_items(content: Any, base_dir: Path | None, where: str) -> list[Segment]:
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RecordError(f"{where}: content must be a string or a list of items, got {type(content).__name__}")
+    segments = []
+    for position, item in enumerate(content):
+        if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
+            raise RecordError(f"{where}: item {position} must be an object with type 'text' or 'image'")
+        if item["type"] == "text":
+            if not isinstance(item.get("text"), str):
+                raise RecordError(f"{where}: text item {position} has no 'text' string")
+            segments.append(Segment(text=item["text"]))
+        else:
+            segments.append(Segment(image=_resolve_image(item.get("image"), base_dir, where)))
+    if not segments or all(not s.is_image and not s.text.strip() for s in segments):
+        raise RecordError(f"{where}: empty content")
+    return segments
+
+
+def _resolve_image(image: Any, base_dir: Path | None, where: str) -> ImageRef:
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)) or not str(image):
+        raise RecordError(f"{where}: image item needs an 'image' path")
+    if base_dir is None:
+        path = Path(image)
+    else:
+        path = (base_dir / image).resolve()
+        if not path.is_relative_to(base_dir.resolve()):
+            raise RecordError(f"{where}: image '{image}' is outside the data folder {base_dir}")
+    if not path.is_file():
+        raise RecordError(f"{where}: image '{image}': file not found")
+    return path
+
+
+def parse_record(record: Any, base_dir: Path | None = None, where: str = "<memory>") -> Sample:
+    """Check one decoded JSON record and turn it into a Sample (image paths resolved against `base_dir`)."""
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: a record must be a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise RecordError(f"{where}: 'messages' must be a non-empty list")
+        turns = []
+        for index, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in ROLES:
+                raise RecordError(f"{where}: message {index} has unknown role {role!r} (expected one of {ROLES})")
+            turns.append(Turn(role, _parse_items(message.get("content"), base_dir, f"{where} message {index}")))
+        return Sample(turns, where)
+    if "content" in record:
+        return Sample([Turn(None, _parse_items(record["content"], base_dir, where))], where)
+    raise RecordError(f"{where}: a record needs 'messages' (chat) or 'content' (document)")
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False) -> tuple[list[Sample], list[str]]:
+    """All samples of a JSONL file, plus the errors of skipped records (only when `skip_bad`, never silently)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    samples, skipped = [], []
+    for line_number, line in enumerate(iter_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {line_number}"
+        try:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+            samples.append(parse_record(record, path.parent, where))
+        except RecordError as error:
+            if not skip_bad:
+                raise
+            skipped.append(str(error))
+    return samples, skipped
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as handle:
+        yield from handle

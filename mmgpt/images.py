@@ -1,0 +1,73 @@
+"""Image files -> RGB PIL images -> normalised pixel tensors, with every oddity of real files handled or refused."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the image and the cause."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16/32-bit greyscale scaled (not clamped), alpha composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("LA", "PA", "RGBa", "La"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image: str | Path | Image.Image) -> Image.Image:
+    """Open (first frame of an animation), apply EXIF orientation, convert to RGB. Raises `ImageError`."""
+    name = getattr(image, "filename", None) or (str(image) if not isinstance(image, Image.Image) else "<image>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = image if isinstance(image, Image.Image) else Image.open(image)
+            if getattr(opened, "n_frames", 1) > 1:
+                opened.seek(0)
+            opened.load()
+            oriented = ImageOps.exif_transpose(opened)
+            return _to_rgb(oriented)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"image '{name}' is too large: {error}") from None
+    except FileNotFoundError:
+        raise ImageError(f"image '{name}': file not found") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageError(f"image '{name}' cannot be read: {error}") from None
+
+
+@dataclass
+class ImageTransform:
+    """Resize to the ViT's input size and normalise with its mean and std (from timm's data config)."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = F.to_image(image)
+        pixels = F.resize(pixels, list(self.size), interpolation=InterpolationMode(self.interpolation), antialias=True)
+        pixels = F.to_dtype(pixels, torch.float32, scale=True)
+        return F.normalize(pixels, list(self.mean), list(self.std))  # (3, H, W)
+
+    def blank(self) -> torch.Tensor:
+        """A plain white image, for blind baselines."""
+        return self(Image.new("RGB", (self.size[1], self.size[0]), (255, 255, 255)))

@@ -1,0 +1,143 @@
+"""The public inference API: load a saved model folder, then chat about images (optionally streaming).
+
+    from mmgpt import MMGPT
+    model = MMGPT.from_pretrained("runs/tiny-shapes/final")
+    model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                             {"type": "text", "text": "What colour is the circle?"}]}])
+
+Generation is transformers' `generate()`: greedy, sampling, streamers and the KV cache come from there.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from transformers import TextIteratorStreamer
+
+from mmgpt.data.collate import collate
+from mmgpt.data.records import Sample, parse_record
+from mmgpt.modeling import MMGPTForConditionalGeneration
+from mmgpt.processing import Encoded, MMGPTProcessor
+
+
+class ContextTooLongError(ValueError):
+    """The prompt (text + image tokens) does not fit in the decoder's context."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class MMGPT:
+    """A loaded model and its processor. One object may be shared across threads: calls are serialised."""
+
+    def __init__(self, model: MMGPTForConditionalGeneration, processor: MMGPTProcessor, source: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.source = source
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MMGPT":
+        """Load a `save_pretrained` folder (e.g. OUTPUT_DIR/final). Device: CUDA if present, else CPU."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no mmgpt model in {path} (expected config.json, model.safetensors, tokenizer)")
+        device = torch.device(device) if device is not None else default_device()
+        model = MMGPTForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+        return cls(model.to(device), MMGPTProcessor.from_pretrained(path), str(path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    def _sample(self, messages: list[dict]) -> Sample:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        return parse_record({"messages": messages}, base_dir=None, where="messages")
+
+    def encode_prompt(self, messages: list[dict], max_new_tokens: int) -> Encoded:
+        """The prompt for the next assistant turn; raises `ContextTooLongError` if it cannot fit."""
+        encoded = self.processor.encode(self._sample(messages), add_generation_prompt=True)
+        limit = self.context_length - max_new_tokens
+        if len(encoded.input_ids) > limit:
+            raise ContextTooLongError(
+                f"prompt is {len(encoded.input_ids)} tokens ({encoded.num_images} image(s) of "
+                f"{self.processor.num_image_tokens + 2} tokens each included); with max_new_tokens={max_new_tokens} "
+                f"the limit is {limit} (context {self.context_length})"
+            )
+        return encoded
+
+    def _generate_kwargs(self, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
+        kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        control = [self.processor.special.image, self.processor.special.image_start, self.processor.special.image_end,
+                   self.processor.special.system, self.processor.special.user, self.processor.special.assistant,
+                   self.processor.special.pad]
+        kwargs["suppress_tokens"] = control
+        return kwargs
+
+    def generate(
+        self,
+        conversations: list[list[dict]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Answer several conversations in one left-padded batch."""
+        encoded = [self.encode_prompt(messages, max_new_tokens) for messages in conversations]
+        batch = collate(encoded, self.processor.special.pad, padding_side="left")
+        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(**kwargs)
+        prompt_length = batch["input_ids"].shape[1]
+        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
+        if not stream:
+            return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
+        encoded = self.encode_prompt(messages, max_new_tokens)
+        batch = collate([encoded], self.processor.special.pad, padding_side="left")
+        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as error:  # surfaced to the consumer below
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def pieces() -> Iterator[str]:
+            for piece in streamer:
+                if piece:
+                    yield piece
+            thread.join()
+            if errors:
+                raise errors[0]
+
+        return pieces()

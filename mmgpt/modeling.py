@@ -1,0 +1,155 @@
+"""The composite model: timm ViT -> projector -> any transformers causal LM, as one `PreTrainedModel`.
+
+Image features replace the embeddings of the image-slot tokens, so an image sits in the token stream exactly where
+it stands in the text. They are computed at prefill only: `generate()` drops `pixel_values` once a KV cache exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.configuration_utils import SubConfigSpec
+
+from mmgpt.projector import Projector
+from mmgpt.vision import VisionEncoder
+
+
+class MMGPTConfig(PretrainedConfig):
+    """Vision (timm name + kwargs), projector and text (any causal-LM config) settings; `config.json` on disk."""
+
+    model_type = "mmgpt"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2")}
+
+    text_config: dict | PretrainedConfig | None = None
+    vision_model_name: str = "vit_tiny_patch16_224"
+    vision_kwargs: dict | None = None
+    vision_pretrained: str = ""
+    text_pretrained: str = ""
+    projector_shuffle_factor: int = 1
+    image_token_id: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any):
+        super().__post_init__(**kwargs)
+        if self.vision_kwargs is None:
+            self.vision_kwargs = {}
+
+
+class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Answers next-token questions about text with images in it; `generate()` works with every strategy."""
+
+    config: MMGPTConfig
+    config_class = MMGPTConfig
+    base_model_prefix = "mmgpt"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["Block", "GPT2Block", "LlamaDecoderLayer"]
+
+    def __init__(self, config: MMGPTConfig):
+        super().__init__(config)
+        self.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.projector = Projector(
+            self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
+        )
+        self.post_init()
+
+    @classmethod
+    def from_parts(cls, config: MMGPTConfig) -> "MMGPTForConditionalGeneration":
+        """Build a fresh model, loading the pretrained vision and text weights the config names (hub or local)."""
+        model = cls(config)
+        if config.vision_pretrained:
+            model.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs, config.vision_pretrained)
+        if config.text_pretrained:
+            model.language_model = AutoModelForCausalLM.from_pretrained(config.text_pretrained, config=config.text_config)
+        return model
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """Only the projector is ours to initialise: timm and the decoder initialise their own modules."""
+        if isinstance(module, torch.nn.Linear) and any(module is m for m in self.projector.modules()):
+            torch.nn.init.normal_(module.weight, std=0.02)
+            torch.nn.init.zeros_(module.bias)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens(self.vision.num_patches)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) -> (num_images, num_image_tokens, text width)."""
+        return self.projector(self.vision(pixel_values.to(self.vision.vit.patch_embed.proj.weight.dtype)))
+
+    def embed_with_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each run of image-slot tokens replaced by one image's features, in reading order."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        num_slots = int(image_mask.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_slots != num_images * self.num_image_tokens:
+            raise ValueError(
+                f"the input has {num_slots} image-slot tokens ({num_slots / self.num_image_tokens:g} images of "
+                f"{self.num_image_tokens} tokens) but {num_images} images were given"
+            )
+        if num_images == 0:
+            return inputs_embeds
+        features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        if inputs_embeds is None:
+            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            if prefill or pixel_values is not None:
+                inputs_embeds = self.embed_with_images(input_ids, pixel_values)
+            else:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Positions count real tokens only, so left-padded rows see the same positions as unpadded ones.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+AutoConfig.register("mmgpt", MMGPTConfig)
+AutoModelForCausalLM.register(MMGPTConfig, MMGPTForConditionalGeneration)
+AutoModelForImageTextToText.register(MMGPTConfig, MMGPTForConditionalGeneration)

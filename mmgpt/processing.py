@@ -1,0 +1,134 @@
+"""Sample -> token ids, labels and pixel values. Labels are decided here and nowhere else.
+
+Layout (control tokens are ids, never parsed out of text):
+  document: text and images in order, then <|endoftext|>; loss on every text token and the end token.
+  chat:     per message <|role|> content <|end|>; loss on assistant content and its <|end|> only.
+  image:    <|image_start|> <|image|> x num_image_tokens <|image_end|>; never any loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mmgpt.data.records import Sample, Turn
+from mmgpt.images import ImageError, ImageTransform, load_image
+from mmgpt.tokenizer import SpecialTokens
+
+IGNORE_INDEX = -100
+PROCESSOR_FILE = "mmgpt_processor.json"
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample: ids and labels of equal length, and one pixel tensor per image, in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+class MMGPTProcessor:
+    """Tokenizer + image transform + chat layout; saved beside the model so inference sees what training saw."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, transform: ImageTransform, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.num_image_tokens = num_image_tokens
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+
+    def encode_text(self, text: str) -> list[int]:
+        """User or data text -> ids; control-token look-alikes stay plain characters."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def image_slot(self) -> list[int]:
+        return [self.special.image_start, *[self.special.image] * self.num_image_tokens, self.special.image_end]
+
+    def _encode_turn(self, turn: Turn, supervised: bool, images: list) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for segment in turn.segments:
+            if segment.is_image:
+                slot = self.image_slot()
+                ids += slot
+                labels += [IGNORE_INDEX] * len(slot)
+                images.append(segment.image)
+            else:
+                text_ids = self.encode_text(segment.text)
+                ids += text_ids
+                labels += text_ids if supervised else [IGNORE_INDEX] * len(text_ids)
+        return ids, labels
+
+    def tokenize(self, sample: Sample, add_generation_prompt: bool = False) -> tuple[list[int], list[int], list]:
+        """Token ids, labels and image references of one sample (images not loaded yet).
+
+        `add_generation_prompt` ends a chat with <|assistant|>, ready for the model to answer.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        images: list = []
+        if not sample.is_chat:
+            turn_ids, turn_labels = self._encode_turn(sample.turns[0], True, images)
+            return turn_ids + [self.special.eos], turn_labels + [self.special.eos], images
+        for turn in sample.turns:
+            supervised = turn.role == "assistant"
+            turn_ids, turn_labels = self._encode_turn(turn, supervised, images)
+            end_label = self.special.end if supervised else IGNORE_INDEX
+            ids += [self.special.role(turn.role), *turn_ids, self.special.end]
+            labels += [IGNORE_INDEX, *turn_labels, end_label]
+        if add_generation_prompt:
+            ids.append(self.special.assistant)
+            labels.append(IGNORE_INDEX)
+        return ids, labels, images
+
+    def encode(self, sample: Sample, add_generation_prompt: bool = False) -> Encoded:
+        """`tokenize` plus the images loaded and transformed."""
+        ids, labels, images = self.tokenize(sample, add_generation_prompt)
+        return Encoded(ids, labels, self.pixel_values(images, sample.source))
+
+    def pixel_values(self, images: list, source: str = "<memory>") -> torch.Tensor | None:
+        if not images:
+            return None
+        tensors = []
+        for image in images:
+            try:
+                tensors.append(self.transform(load_image(image)))
+            except ImageError as error:
+                raise ImageError(f"{source}: {error}") from None
+        return torch.stack(tensors)
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder)
+        settings = {
+            "image_size": list(self.transform.size),
+            "image_mean": list(self.transform.mean),
+            "image_std": list(self.transform.std),
+            "interpolation": self.transform.interpolation,
+            "num_image_tokens": self.num_image_tokens,
+        }
+        (folder / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "MMGPTProcessor":
+        folder = Path(folder)
+        settings: dict[str, Any] = json.loads((folder / PROCESSOR_FILE).read_text())
+        transform = ImageTransform(
+            size=tuple(settings["image_size"]),
+            mean=tuple(settings["image_mean"]),
+            std=tuple(settings["image_std"]),
+            interpolation=settings["interpolation"],
+        )
+        return cls(AutoTokenizer.from_pretrained(folder), transform, settings["num_image_tokens"])
