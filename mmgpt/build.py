@@ -44,13 +44,15 @@ def build(config: ModelConfig, training_texts: Iterable[str]) -> tuple[MMGPTProc
         vision_model_name=config.vision.name,
         vision_kwargs=dict(config.vision.kwargs),
         vision_pretrained=config.vision.pretrained,
+        vision_fused_attention=config.vision.fused_attention,
         text_pretrained=text.pretrained,
         projector_shuffle_factor=config.projector_shuffle_factor,
         image_token_id=special.image,
     )
     model = MMGPTForConditionalGeneration.from_parts(model_config)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+        model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.text_config = model.language_model.config
     model.generation_config = generation_config(special)
     processor = MMGPTProcessor(tokenizer, transform_for(model.vision), model.num_image_tokens)
     return processor, model

@@ -29,6 +29,7 @@ class VisionConfig:
     name: str = "vit_tiny_patch16_224"  # any timm ViT
     pretrained: str = ""  # "" = random init; a hub name (e.g. "timm/...") or a local weights file
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
+    fused_attention: bool = True  # false: timm's plain attention (faster backward for tiny ViTs on CPU)
 
 
 @dataclass
@@ -133,6 +134,10 @@ def _set_dotted(config: Config, assignment: str) -> None:
     if isinstance(target, dict):
         target[parts[-1]] = value
     else:
+        field_types = {f.name: f.type for f in dataclasses.fields(target)}
+        if field_types.get(parts[-1]) in ("str", str):
+            value = raw  # a string field takes the text as typed: `no` stays "no", not False
+
         _apply(target, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
 
 

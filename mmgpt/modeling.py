@@ -33,6 +33,7 @@ class MMGPTConfig(PretrainedConfig):
     vision_model_name: str = "vit_tiny_patch16_224"
     vision_kwargs: dict | None = None
     vision_pretrained: str = ""
+    vision_fused_attention: bool = True
     text_pretrained: str = ""
     projector_shuffle_factor: int = 1
     image_token_id: int = 0
@@ -60,7 +61,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MMGPTConfig):
         super().__init__(config)
-        self.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs)
+        self.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.projector = Projector(
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
@@ -72,7 +73,9 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Build a fresh model, loading the pretrained vision and text weights the config names (hub or local)."""
         model = cls(config)
         if config.vision_pretrained:
-            model.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs, config.vision_pretrained)
+            model.vision = VisionEncoder(
+                config.vision_model_name, config.vision_kwargs, config.vision_pretrained, config.vision_fused_attention
+            )
         if config.text_pretrained:
             model.language_model = AutoModelForCausalLM.from_pretrained(config.text_pretrained, config=config.text_config)
         return model

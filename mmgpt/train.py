@@ -53,14 +53,23 @@ def mixed_precision_for(setting: str) -> str:
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 
 
-def batch_indices(num_samples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
-    """The sample indices of global micro-batch `micro_step`: a seeded shuffle per epoch, so resume is exact."""
+def batch_indices(lengths: list[int], batch_size: int, seed: int, micro_step: int, group: int = 16) -> list[int]:
+    """The sample indices of global micro-batch `micro_step`, a pure function of its arguments (so resume is exact).
+
+    Each epoch is a seeded shuffle; within windows of `group` batches, samples are sorted by length so a batch
+    pads little, and the batches of the epoch are then shuffled again.
+    """
+    num_samples = len(lengths)
     per_epoch = num_samples // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the data set ({num_samples} samples)")
     epoch, position = divmod(micro_step, per_epoch)
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[position * batch_size : (position + 1) * batch_size].tolist()
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator)[: per_epoch * batch_size].tolist()
+    window = group * batch_size
+    order = [i for start in range(0, len(order), window) for i in sorted(order[start : start + window], key=lengths.__getitem__)]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return batches[int(torch.randperm(per_epoch, generator=generator)[position])]
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -207,7 +216,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             losses, tokens = [], 0
             for micro in range(accum):
                 global_micro = (step * accum + micro) * world + accelerator.process_index
-                indices = batch_indices(len(train_set), config.train.batch_size, config.seed, global_micro)
+                indices = batch_indices(train_set.lengths, config.train.batch_size, config.seed, global_micro)
                 batch = collate([train_set[i] for i in indices], processor.special.pad)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 tokens += int((batch["labels"] != -100).sum())

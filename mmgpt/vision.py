@@ -21,9 +21,14 @@ def _pretrained_kwargs(pretrained: str) -> dict:
 class VisionEncoder(nn.Module):
     """Wraps a timm ViT so the rest of the model sees `(B, num_patches, width)` and nothing timm-specific."""
 
-    def __init__(self, model_name: str, model_kwargs: dict, pretrained: str = ""):
+    def __init__(self, model_name: str, model_kwargs: dict, pretrained: str = "", fused_attention: bool = True):
         super().__init__()
         self.vit = timm.create_model(model_name, num_classes=0, **model_kwargs, **_pretrained_kwargs(pretrained))
+        if not fused_attention:
+            # timm's plain attention path: at tiny widths on CPU its backward is far faster than fused SDPA's.
+            for module in self.vit.modules():
+                if hasattr(module, "fused_attn"):
+                    module.fused_attn = False
         self.num_prefix_tokens = getattr(self.vit, "num_prefix_tokens", 0)
         self.grid_size = tuple(self.vit.patch_embed.grid_size)
         self.width = self.vit.num_features

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny shapes set, a tiny config, and a tiny processor + model built the way training builds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgpt.build import build
+from mmgpt.config import Config, load_config
+from mmgpt.data.records import read_jsonl
+from mmgpt.data.shapes import write_shapes
+
+TINY_OVERRIDES = [
+    "model.vision.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+    "model.text.config={model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256, "
+    "resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}",
+    "model.text.bpe_vocab_size=400",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.eval_batches=1",
+    "train.mixed_precision=no",
+]
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    write_shapes(folder, seed=1, train=40, eval=10)
+    return folder
+
+
+def tiny_config(shapes_dir: Path, output_dir: Path, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [f"data.train={shapes_dir / 'train.jsonl'}", f"data.eval={shapes_dir / 'eval.jsonl'}", f"output_dir={output_dir}",
+         *TINY_OVERRIDES, *overrides],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny(shapes_dir, tmp_path_factory):
+    """(processor, model) in eval mode, built from the tiny config and the shapes training text."""
+    torch.manual_seed(0)
+    config = tiny_config(shapes_dir, tmp_path_factory.mktemp("run"))
+    samples, _ = read_jsonl(config.data.train)
+    texts = [seg.text for s in samples for t in s.turns for seg in t.segments if not seg.is_image]
+    processor, model = build(config.model, texts)
+    return processor, model.eval()

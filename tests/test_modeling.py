@@ -1,0 +1,118 @@
+import pytest
+import torch
+from PIL import Image
+
+from mmgpt import MMGPT, MMGPTForConditionalGeneration
+from mmgpt.data.collate import collate
+from mmgpt.data.records import parse_record
+
+
+def prompt(processor, text="What colour is the circle?", colour=(255, 0, 0)):
+    sample = parse_record({"messages": [{"role": "user", "content": [
+        {"type": "image", "image": Image.new("RGB", (32, 32), colour)}, {"type": "text", "text": text}]}]})
+    return collate([processor.encode(sample, add_generation_prompt=True)], processor.special.pad, "left")
+
+
+def inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def test_save_then_load_gives_identical_logits(tiny, tmp_path):
+    processor, model = tiny
+    batch = prompt(processor)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = MMGPT.from_pretrained(tmp_path, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs(batch)).logits, model(**inputs(batch)).logits, rtol=0, atol=0)
+    assert loaded.processor.special == processor.special
+    assert loaded.processor.num_image_tokens == processor.num_image_tokens
+
+
+def test_greedy_generation_with_kv_cache_equals_without(tiny):
+    processor, model = tiny
+    batch = inputs(prompt(processor))
+    with torch.no_grad():
+        cached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=True, min_new_tokens=12)
+        uncached = model.generate(**batch, max_new_tokens=12, do_sample=False, use_cache=False, min_new_tokens=12)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 12
+    assert torch.equal(cached, uncached)
+
+
+def test_image_features_are_computed_once_per_prompt(tiny):
+    processor, model = tiny
+    calls = []
+    handle = model.vision.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.generate(**inputs(prompt(processor)), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    processor, model = tiny
+    api = MMGPT(model, processor)
+    conversations = [
+        [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32), c)},
+                                      {"type": "text", "text": t}]}]
+        for c, t in [((255, 0, 0), "hi"), ((0, 0, 255), "a longer question about the picture, with many words")]
+    ]
+    batched = api.generate(conversations, max_new_tokens=8)
+    single = [api.generate([c], max_new_tokens=8)[0] for c in conversations]
+    assert batched == single
+
+
+@pytest.mark.parametrize("images", [0, 2])
+def test_image_count_mismatch_is_a_clear_error(tiny, images):
+    processor, model = tiny
+    batch = inputs(prompt(processor))
+    batch["pixel_values"] = batch["pixel_values"].repeat(images, 1, 1, 1) if images else None
+    with pytest.raises(ValueError, match=f"1 images of {processor.num_image_tokens} tokens.*but {images} images"):
+        model(**batch)
+
+
+def test_pretrained_parts_load_from_local_paths(tmp_path):
+    """The real-recipe path: a timm weights file and a transformers decoder folder, both on disk."""
+    import timm
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mmgpt.build import build
+    from mmgpt.config import ModelConfig, TextConfig, VisionConfig
+
+    vision_kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, **vision_kwargs)
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    decoder = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=95, n_positions=128))
+    decoder.save_pretrained(tmp_path / "gpt2")
+    vocab = {chr(i): i - 32 for i in range(33, 127)} | {"<|endoftext|>": 94}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    GPT2TokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2")
+
+    config = ModelConfig(
+        vision=VisionConfig(pretrained=str(tmp_path / "vit.safetensors"), kwargs=vision_kwargs),
+        text=TextConfig(pretrained=str(tmp_path / "gpt2")),
+    )
+    processor, model = build(config, [])
+    torch.testing.assert_close(model.vision.vit.state_dict()["blocks.0.attn.qkv.weight"], vit.state_dict()["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(
+        model.language_model.transformer.h[0].attn.c_attn.weight, decoder.transformer.h[0].attn.c_attn.weight
+    )
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer) == 95 + 8  # control tokens + pad added
+    assert model.config.image_token_id == processor.special.image
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs(prompt(processor)))
+    assert out.logits.shape[-1] == model.get_input_embeddings().num_embeddings
+
+
+def test_registered_with_auto_classes(tiny, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    _, model = tiny
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), MMGPTForConditionalGeneration)
