@@ -77,13 +77,14 @@ class MMGPT:
 
     def _generate_kwargs(self, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
         kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample)
+        special = self.processor.special
+        kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=[special.end, special.eos],
+                      pad_token_id=special.pad)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-        control = [self.processor.special.image, self.processor.special.image_start, self.processor.special.image_end,
-                   self.processor.special.system, self.processor.special.user, self.processor.special.assistant,
-                   self.processor.special.pad]
-        kwargs["suppress_tokens"] = control
+        # the model may only write text and end its turn: it never opens an image slot or a new turn
+        kwargs["suppress_tokens"] = [special.image, special.image_start, special.image_end, special.system,
+                                     special.user, special.assistant, special.pad]
         return kwargs
 
     def generate(

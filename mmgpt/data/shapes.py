@@ -69,7 +69,8 @@ def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
 
 
 def caption(scene: list[Shape]) -> str:
-    parts = [f"a {item.name} at the {item.place}" for item in scene]
+    """Objects in reading order (top left first), so each part of the caption is tied to one region."""
+    parts = [f"a {item.name} at the {item.place}" for item in sorted(scene, key=lambda item: (item.row, item.column))]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{NUMBERS[len(scene)].capitalize()} shape{'s' if len(scene) > 1 else ''}: {listed}."
 
@@ -159,7 +160,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     train_records = []
     for _ in range(train):
         roll = rng.random()
-        if roll < 0.7:
+        if roll < 0.5:
             train_records.append(_vqa_chat(writer, rng, max_questions=5))
         elif roll < 0.9:
             train_records.append(_caption_doc(writer, rng))

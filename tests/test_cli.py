@@ -1,0 +1,66 @@
+"""End to end through the console script, as a user runs it: data -> train -> eval -> chat."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mmgpt(*args, cwd):
+    result = subprocess.run([sys.executable, "-m", "mmgpt.cli", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    return result
+
+
+@pytest.mark.slow
+def test_data_train_eval_chat_from_the_command_line(tmp_path):
+    made = mmgpt("data", "shapes", "--out", "shapes", "--train", "40", "--eval", "10", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "shapes" / "train.jsonl").is_file() and (tmp_path / "shapes" / "eval.jsonl").is_file()
+
+    train_command = ("train", str(ROOT / "configs" / "tiny-shapes.yaml"), "--set", *TINY_OVERRIDES,
+                     "--set", "output_dir=run", "data.train=shapes/train.jsonl", "data.eval=shapes/eval.jsonl",
+                     "train.max_steps=4", "train.save_every=2")
+    trained = mmgpt(*train_command, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    final = tmp_path / "run" / "final"
+    assert (final / "model.safetensors").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    assert any("eval_loss" in m for m in metrics)
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+    evaluated = mmgpt("eval", "run/final", "--data", "shapes/eval.jsonl", "--out", "preds.jsonl", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert report["n"] == 10 and 0 <= report["accuracy"] <= 1 and 0 <= report["blind_accuracy"] <= 1
+    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 10
+
+    image = sorted((tmp_path / "shapes" / "images").glob("eval*.png"))[0]
+    chatted = mmgpt("chat", "run/final", "--image", str(image), "What colour is the circle?",
+                    "--max-new-tokens", "4", cwd=tmp_path)
+    assert chatted.returncode == 0, chatted.stderr
+
+    rerun = mmgpt(*train_command, cwd=tmp_path)  # the same command again: already finished, nothing redone
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout and "step 4" in rerun.stdout
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(metrics)
+
+
+def test_unknown_config_key_is_reported_by_name(tmp_path):
+    result = mmgpt("train", str(ROOT / "configs" / "tiny-shapes.yaml"), "--set", "train.learning_rate=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unknown config key 'train.learning_rate'" in result.stderr
+
+
+def test_missing_image_in_data_is_reported_with_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"content": [{"type": "image", "image": "nope.png"}]}\n')
+    result = mmgpt("train", str(ROOT / "configs" / "tiny-shapes.yaml"), "--set", "data.train=bad.jsonl", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "bad.jsonl line 1" in result.stderr and "nope.png" in result.stderr and "not found" in result.stderr

@@ -1,0 +1,43 @@
+import pytest
+
+from mmgpt.config import ConfigError, load_config
+from mmgpt.train import batch_indices
+
+
+def test_yaml_then_dotted_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\ntrain:\n  lr: 1e-3\n  batch_size: 8\nmodel:\n  vision:\n    kwargs: {depth: 2}\n")
+    config = load_config(path, ["train.batch_size=16", "model.vision.kwargs.img_size=32", "train.mixed_precision=no"])
+    assert config.seed == 3 and config.train.lr == 0.001 and config.train.batch_size == 16
+    assert config.model.vision.kwargs == {"depth": 2, "img_size": 32}
+    assert config.train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrate=1", "unknown config key 'train.lrate'"),
+    ("nothing.here=1", "unknown config key 'nothing'"),
+    ("train.max_steps=many", "'train.max_steps' expects int"),
+    ("train.lr=fast", "'train.lr' expects a number"),
+    ("train=3", "'train' is a section"),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  trian: x.jsonl\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.trian'"):
+        load_config(path)
+
+
+def test_batch_order_is_seeded_complete_and_length_grouped():
+    lengths = [(i * 37) % 101 for i in range(64)]
+    epoch = [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]
+    assert sorted(i for batch in epoch for i in batch) == list(range(64))
+    assert epoch == [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]
+    assert epoch != [batch_indices(lengths, 4, seed=2, micro_step=m) for m in range(16)]
+    assert batch_indices(lengths, 4, 1, 16) != epoch[0] or batch_indices(lengths, 4, 1, 17) != epoch[1]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / len(epoch)
+    assert spread < 20  # random batches of 4 would spread ~60
