@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _data_shapes(args: argparse.Namespace) -> int:
@@ -44,6 +45,51 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny-shapes.yaml"
+
+
+def ensure_tiny_model() -> Path:
+    """The bundled tiny model's folder; on first use, make its data and train it (with a progress bar)."""
+    from mmgpt.config import load_config
+    from mmgpt.data.shapes import write_shapes
+    from mmgpt.train import train
+
+    config = load_config(TINY_CONFIG)
+    output_dir = ROOT / config.output_dir
+    final = output_dir / "final"
+    if (final / "model.safetensors").is_file():
+        return final
+    data_dir = ROOT / Path(config.data.train).parent
+    if not (data_dir / "train.jsonl").is_file() or not (data_dir / "eval.jsonl").is_file():
+        print(f"writing the shapes data set to {data_dir} ...")
+        write_shapes(data_dir)
+    print(f"training the tiny model (about 15 minutes on 2 CPU cores) into {output_dir} ...")
+    config.output_dir = str(output_dir)
+    config.data.train = str(ROOT / config.data.train)
+    config.data.eval = str(ROOT / config.data.eval)
+    return train(config).final_dir
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    app_path = ROOT / "demo" / "app.py"
+    if not app_path.is_file():
+        raise FileNotFoundError(f"{app_path} not found: run the demo from a checkout of the repository")
+    spec = importlib.util.spec_from_file_location("mmgpt_demo_app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else ensure_tiny_model()
+    if checkpoint is None:
+        return 130
+    from mmgpt.inference import MMGPT
+
+    app.launch(MMGPT.from_pretrained(checkpoint, device=args.device), str(checkpoint), args.host, args.port,
+               open_browser=args.open_browser)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmgpt", description="A small, hackable vision-language GPT.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -77,6 +123,14 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.add_argument("--device", default=None)
     chat.set_defaults(run=_chat)
+
+    demo = commands.add_parser("demo", help="web chat demo (trains the bundled tiny model first if needed)")
+    demo.add_argument("checkpoint", nargs="?", help="a saved model folder; default: the bundled tiny model")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(run=_demo)
     return root
 
 

@@ -75,6 +75,32 @@ class MMGPT:
             )
         return encoded
 
+    def fit_to_context(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+        """(messages kept, number dropped): see `_fit`."""
+        kept, dropped, _ = self._fit(messages, max_new_tokens)
+        return kept, dropped
+
+    def _fit(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int, Encoded]:
+        """Drop the oldest whole exchanges until the prompt fits.
+
+        The rule: system messages and the newest user message are always kept; before them, the oldest
+        messages go first, a user message together with the assistant replies that follow it, so no turn and no
+        image is ever cut in half. If even the shortest form does not fit, `ContextTooLongError` says why.
+        Returns the messages kept, how many were dropped, and the encoded prompt.
+        """
+        system = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
+        rest = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+        dropped = 0
+        while True:
+            try:
+                return system + rest, dropped, self.encode_prompt(system + rest, max_new_tokens)
+            except ContextTooLongError:
+                later_users = [i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"]
+                if not later_users:
+                    raise
+                dropped += later_users[0]
+                rest = rest[later_users[0] :]
+
     def _generate_kwargs(self, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
         kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         special = self.processor.special
@@ -95,8 +121,8 @@ class MMGPT:
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> list[str]:
-        """Answer several conversations in one left-padded batch."""
-        encoded = [self.encode_prompt(messages, max_new_tokens) for messages in conversations]
+        """Answer several conversations in one left-padded batch (each cut to fit by `fit_to_context`)."""
+        encoded = [self._fit(messages, max_new_tokens)[2] for messages in conversations]
         batch = collate(encoded, self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
         with self._lock, torch.inference_mode():
@@ -116,7 +142,7 @@ class MMGPT:
         """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
         if not stream:
             return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
-        encoded = self.encode_prompt(messages, max_new_tokens)
+        encoded = self._fit(messages, max_new_tokens)[2]
         batch = collate([encoded], self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)

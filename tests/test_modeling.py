@@ -116,3 +116,39 @@ def test_registered_with_auto_classes(tiny, tmp_path):
     _, model = tiny
     model.save_pretrained(tmp_path)
     assert isinstance(AutoModelForImageTextToText.from_pretrained(tmp_path), MMGPTForConditionalGeneration)
+
+
+def test_gpu_recipe_loads_its_parts_through_local_stand_ins(tmp_path):
+    """configs/siglip-gpt2-*.yaml: the same config keys, pointed at tiny local files instead of the hub."""
+    import timm
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mmgpt.build import build
+    from mmgpt.config import load_config
+    from pathlib import Path
+
+    tiny_vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    vit = timm.create_model("vit_base_patch16_siglip_224", num_classes=0, **tiny_vit)
+    save_file(vit.state_dict(), tmp_path / "siglip.safetensors")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=128)).save_pretrained(tmp_path / "gpt2")
+    backend = Tokenizer(models.BPE(vocab={chr(i): i - 32 for i in range(33, 127)} | {"<|endoftext|>": 94}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    GPT2TokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2")
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    stage1 = load_config(configs / "siglip-gpt2-stage1.yaml", [
+        f"model.vision.pretrained={tmp_path / 'siglip.safetensors'}", f"model.text.pretrained={tmp_path / 'gpt2'}",
+        "model.vision.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"])
+    assert stage1.train.freeze == ["vision", "language_model"]
+    processor, model = build(stage1.model, [])
+    torch.testing.assert_close(model.vision.vit.state_dict()["patch_embed.proj.weight"], vit.state_dict()["patch_embed.proj.weight"])
+    assert model.num_image_tokens == 16 // 4  # 4x4 patches, pixel shuffle 2
+    model.save_pretrained(tmp_path / "stage1")
+    processor.save_pretrained(tmp_path / "stage1")
+
+    stage2 = load_config(configs / "siglip-gpt2-stage2.yaml", [f"model.init_from={tmp_path / 'stage1'}"])
+    processor2, model2 = build(stage2.model, [])
+    assert processor2.special == processor.special
+    torch.testing.assert_close(model2.projector.mlp[0].weight, model.projector.mlp[0].weight)
