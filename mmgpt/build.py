@@ -45,6 +45,7 @@ def build(config: ModelConfig, training_texts: Iterable[str]) -> tuple[MMGPTProc
         vision_kwargs=dict(config.vision.kwargs),
         vision_pretrained=config.vision.pretrained,
         vision_fused_attention=config.vision.fused_attention,
+        vision_conv_stem=config.vision.conv_stem,
         text_pretrained=text.pretrained,
         projector_shuffle_factor=config.projector_shuffle_factor,
         image_token_id=special.image,

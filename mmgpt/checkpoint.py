@@ -62,6 +62,22 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+def check_pickles(folder: Path) -> None:
+    """Refuse a checkpoint whose RNG-state pickles hold anything but tensors and plain data.
+
+    accelerate loads every training-state file with `weights_only=True` and raises on the optimizer and scheduler
+    files, but it swallows a failure to load the RNG states and goes on; here that is a hard error too, so a
+    tampered checkpoint never resumes half-restored.
+    """
+    import torch
+
+    for path in sorted(folder.glob("*.pkl")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"refusing to load {path}: not a plain weights/state file ({type(error).__name__})") from None
+
+
 def save_trainer_state(folder: Path, state: dict) -> None:
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 

@@ -30,6 +30,7 @@ class VisionConfig:
     pretrained: str = ""  # "" = random init; a hub name (e.g. "timm/...") or a local weights file
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
     fused_attention: bool = True  # false: timm's plain attention (faster backward for tiny ViTs on CPU)
+    conv_stem: bool = False  # true: stride-2 convolutions instead of a linear patchify (for ViTs trained from scratch)
 
 
 @dataclass

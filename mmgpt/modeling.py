@@ -34,6 +34,7 @@ class MMGPTConfig(PretrainedConfig):
     vision_kwargs: dict | None = None
     vision_pretrained: str = ""
     vision_fused_attention: bool = True
+    vision_conv_stem: bool = False
     text_pretrained: str = ""
     projector_shuffle_factor: int = 1
     image_token_id: int = 0
@@ -61,7 +62,9 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MMGPTConfig):
         super().__init__(config)
-        self.vision = VisionEncoder(config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention)
+        self.vision = VisionEncoder(
+            config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention, config.vision_conv_stem
+        )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.projector = Projector(
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
@@ -74,7 +77,11 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model = cls(config)
         if config.vision_pretrained:
             model.vision = VisionEncoder(
-                config.vision_model_name, config.vision_kwargs, config.vision_pretrained, config.vision_fused_attention
+                config.vision_model_name,
+                config.vision_kwargs,
+                config.vision_pretrained,
+                config.vision_fused_attention,
+                config.vision_conv_stem,
             )
         if config.text_pretrained:
             model.language_model = AutoModelForCausalLM.from_pretrained(config.text_pretrained, config=config.text_config)

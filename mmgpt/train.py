@@ -168,7 +168,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
 
     step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        checkpoint.check_pickles(resume_from)
+        accelerator.load_state(str(resume_from), load_kwargs={"weights_only": True})
         step = checkpoint.load_trainer_state(resume_from)["step"]
         log(f"resuming from {resume_from} (step {step})")
     if accelerator.is_main_process:
@@ -187,7 +188,15 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            checkpoint.write_atomically(checkpoint.checkpoints_dir(output_dir) / f"step-{step}", write)
+            try:
+                checkpoint.write_atomically(checkpoint.checkpoints_dir(output_dir) / f"step-{step}", write)
+            except OSError as error:
+                previous = checkpoint.latest_checkpoint(output_dir)
+                raise TrainingError(
+                    f"could not save the checkpoint of step {step}: {error}. "
+                    + (f"The previous checkpoint {previous} is intact; free space and run the same command to resume."
+                       if previous else "No earlier checkpoint exists.")
+                ) from error
             checkpoint.prune(output_dir, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import timm
 import torch
+from timm.layers import HybridEmbed
 from torch import nn
 
 
@@ -18,12 +20,33 @@ def _pretrained_kwargs(pretrained: str) -> dict:
     return {"pretrained": True}
 
 
+def conv_stem_embed(img_size, patch_size, in_chans: int = 3, embed_dim: int = 768, **kwargs) -> HybridEmbed:
+    """Patch embedding by a stack of stride-2 3x3 convolutions instead of one linear patchify (Xiao et al. 2021,
+    "Early convolutions help transformers see better"): same patch grid, but a locality prior that a ViT trained
+    from scratch on small data otherwise has to learn. Built on timm's `HybridEmbed`."""
+    size = patch_size if isinstance(patch_size, int) else patch_size[0]
+    stages = int(math.log2(size))
+    assert 2**stages == size, "the convolutional stem needs a power-of-two patch size"
+    layers: list[nn.Module] = []
+    width = in_chans
+    for stage in range(stages):
+        out = min(embed_dim, 32 * 2**stage)
+        layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+        width = out
+    return HybridEmbed(nn.Sequential(*layers), img_size=img_size, patch_size=1, feature_size=None,
+                       in_chans=in_chans, embed_dim=embed_dim, bias=kwargs.get("bias", True))
+
+
 class VisionEncoder(nn.Module):
     """Wraps a timm ViT so the rest of the model sees `(B, num_patches, width)` and nothing timm-specific."""
 
-    def __init__(self, model_name: str, model_kwargs: dict, pretrained: str = "", fused_attention: bool = True):
+    def __init__(
+        self, model_name: str, model_kwargs: dict, pretrained: str = "", fused_attention: bool = True,
+        conv_stem: bool = False,
+    ):
         super().__init__()
-        self.vit = timm.create_model(model_name, num_classes=0, **model_kwargs, **_pretrained_kwargs(pretrained))
+        extra = {"embed_layer": conv_stem_embed} if conv_stem else {}
+        self.vit = timm.create_model(model_name, num_classes=0, **model_kwargs, **extra, **_pretrained_kwargs(pretrained))
         if not fused_attention:
             # timm's plain attention path: at tiny widths on CPU its backward is far faster than fused SDPA's.
             for module in self.vit.modules():

@@ -1,0 +1,134 @@
+"""Training faults: kills, interrupted or failing checkpoint writes, NaN steps, tampered checkpoints."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgpt import checkpoint
+from mmgpt.modeling import MMGPTForConditionalGeneration
+from mmgpt.train import TrainingError, train
+
+from conftest import TINY_OVERRIDES, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(output_dir):
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_same_command_resumes_with_identical_losses(shapes_dir, tmp_path):
+    overrides = ["train.max_steps=150", "train.save_every=10", "train.eval_every=1000", "data.eval="]
+    command = [sys.executable, "-m", "mmgpt.cli", "train", str(ROOT / "configs" / "tiny-shapes.yaml"),
+               "--set", *TINY_OVERRIDES, f"data.train={shapes_dir / 'train.jsonl'}", f"output_dir={tmp_path / 'killed'}",
+               *overrides]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.list_checkpoints(tmp_path / "killed") or checkpoint.list_checkpoints(tmp_path / "killed")[-1][0] < 20:
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "final").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    straight = tiny_config(shapes_dir, tmp_path / "straight", *overrides, f"data.train={shapes_dir / 'train.jsonl'}")
+    train(straight)
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_half_written_checkpoints_are_never_taken(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path, "train.max_steps=4", "train.save_every=2", "data.eval=")
+    train(config)
+    folder = checkpoint.checkpoints_dir(tmp_path)
+    # what a kill during a write leaves: a temporary folder, and a step folder without its state file
+    (folder / ".tmp-step-6-123").mkdir()
+    (folder / ".tmp-step-6-123" / "model.safetensors").write_bytes(b"partial")
+    (folder / "step-8").mkdir()
+    (folder / "step-8" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest_checkpoint(tmp_path) == folder / "step-4"
+
+
+def test_error_while_saving_keeps_the_previous_checkpoint(shapes_dir, tmp_path, monkeypatch):
+    config = tiny_config(shapes_dir, tmp_path, "train.max_steps=6", "train.save_every=2", "data.eval=")
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+    calls = []
+
+    def failing_save(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            real_save(self, output_dir, **kwargs)  # a partial write, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", failing_save)
+    with pytest.raises(TrainingError, match=r"step 4: \[Errno 28\] No space left.*step-2 is intact"):
+        train(config)
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [2]
+    assert not list(checkpoint.checkpoints_dir(tmp_path).glob(".tmp-*"))
+    assert checkpoint.load_trainer_state(checkpoint.checkpoints_dir(tmp_path) / "step-2")["step"] == 2
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(shapes_dir, tmp_path, monkeypatch):
+    real_forward = MMGPTForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        output = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if output.loss is not None and calls["n"] in (2, 5, 6, 7):
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MMGPTForConditionalGeneration, "forward", forward)
+    config = tiny_config(shapes_dir, tmp_path, "train.max_steps=20", "train.save_every=4", "train.max_bad_steps=3",
+                         "data.eval=")
+    with pytest.raises(TrainingError, match="3 steps in a row had a NaN/inf loss"):
+        train(config)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in records] == [0, 1, 1, 1, 2, 3, 4]
+    assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [4]
+    weights = checkpoint.checkpoints_dir(tmp_path) / "step-4" / "model.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(weights).values())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = ""
+
+
+def test_checkpoint_with_a_malicious_pickle_is_refused_and_the_payload_never_runs(shapes_dir, tmp_path):
+    global MARKER
+    MARKER = str(tmp_path / "pwned")
+    config = tiny_config(shapes_dir, tmp_path / "run", "train.max_steps=4", "train.save_every=2", "data.eval=")
+    train(config)
+    latest = checkpoint.latest_checkpoint(tmp_path / "run")
+    with open(latest / "random_states_0.pkl", "wb") as handle:
+        pickle.dump({"random_state": Payload()}, handle)
+    (tmp_path / "run" / "final").rename(tmp_path / "old-final")
+    config.train.max_steps = 6
+    with pytest.raises(ValueError, match="refusing to load .*random_states_0.pkl"):
+        train(config)
+    assert not Path(MARKER).exists()
+    torch.save({"state": Payload()}, latest / "random_states_0.pkl")
+    with pytest.raises(ValueError, match="refusing to load"):
+        train(config)
+    assert not Path(MARKER).exists()
