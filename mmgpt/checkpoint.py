@@ -69,11 +69,11 @@ def check_pickles(folder: Path) -> None:
     files, but it swallows a failure to load the RNG states and goes on; here that is a hard error too, so a
     tampered checkpoint never resumes half-restored.
     """
-    import torch
+    from accelerate.utils import load  # torch.load(weights_only=True) that also admits numpy's RNG state
 
     for path in sorted(folder.glob("*.pkl")):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(f"refusing to load {path}: not a plain weights/state file ({type(error).__name__})") from None
 
