@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from mmgpt import checkpoint
+from mmgpt.config import load_config
 from mmgpt.modeling import MMGPTForConditionalGeneration
 from mmgpt.train import TrainingError, train
 
 from conftest import TINY_OVERRIDES, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-shapes.yaml"
 
 
 def losses(output_dir):
@@ -28,10 +29,10 @@ def losses(output_dir):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_same_command_resumes_with_identical_losses(shapes_dir, tmp_path):
-    overrides = ["train.max_steps=150", "train.save_every=10", "train.eval_every=1000", "data.eval="]
-    command = [sys.executable, "-m", "mmgpt.cli", "train", str(ROOT / "configs" / "tiny-shapes.yaml"),
-               "--set", *TINY_OVERRIDES, f"data.train={shapes_dir / 'train.jsonl'}", f"output_dir={tmp_path / 'killed'}",
-               *overrides]
+    settings = [*TINY_OVERRIDES, f"data.train={shapes_dir / 'train.jsonl'}", "data.eval=", "train.max_steps=60",
+                "train.save_every=10"]
+    command = [sys.executable, "-m", "mmgpt.cli", "train", str(CONFIG), "--set", *settings,
+               f"output_dir={tmp_path / 'killed'}"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not checkpoint.list_checkpoints(tmp_path / "killed") or checkpoint.list_checkpoints(tmp_path / "killed")[-1][0] < 20:
@@ -43,8 +44,7 @@ def test_sigkill_mid_run_then_same_command_resumes_with_identical_losses(shapes_
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stdout
-    straight = tiny_config(shapes_dir, tmp_path / "straight", *overrides, f"data.train={shapes_dir / 'train.jsonl'}")
-    train(straight)
+    train(load_config(CONFIG, [*settings, f"output_dir={tmp_path / 'straight'}"]))  # the same run, never stopped
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
