@@ -124,3 +124,23 @@ def test_eight_concurrent_api_requests_are_all_answered(served):
         answers = list(pool.map(ask, range(8)))
     assert len(answers) == 8
     assert all(QUESTIONS[0][1] in str(answer) for answer in answers), answers
+
+
+def test_files_outside_the_upload_cache_are_refused(served):
+    import httpx
+
+    secret = ROOT / "pyproject.toml"
+    for path in ["/etc/passwd", str(secret), "../../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd"]:
+        response = httpx.get(served["url"] + "gradio_api/file=" + path, timeout=30)
+        assert response.status_code in (403, 404), (path, response.status_code)
+        assert "root:" not in response.text and "[project]" not in response.text
+
+
+def test_upload_over_the_size_limit_is_refused(served):
+    import httpx
+
+    big = b"\x89PNG" + b"\0" * (6 * 1024 * 1024)
+    response = httpx.post(served["url"] + "gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+    assert response.status_code == 413
+    small = httpx.post(served["url"] + "gradio_api/upload", files={"files": ("ok.png", b"\x89PNG", "image/png")}, timeout=60)
+    assert small.status_code == 200
