@@ -47,6 +47,7 @@ def build(config: ModelConfig, training_texts: Iterable[str]) -> tuple[MMGPTProc
         vision_fused_attention=config.vision.fused_attention,
         vision_conv_stem=config.vision.conv_stem,
         text_pretrained=text.pretrained,
+        text_attn_implementation=text.attn_implementation,
         projector_shuffle_factor=config.projector_shuffle_factor,
         image_token_id=special.image,
     )

@@ -38,6 +38,7 @@ class TextConfig:
     pretrained: str = ""  # "" = build from `config`; else a hub name or a local transformers folder
     config: dict = field(default_factory=lambda: {"model_type": "gpt2"})  # used when `pretrained` is empty
     tokenizer: str = ""  # "" = the pretrained decoder's, or a BPE trained on the training text if none
+    attn_implementation: str = ""  # "" = transformers' default (sdpa); "eager" is faster for tiny decoders on CPU
     bpe_vocab_size: int = 2048
 
 

@@ -36,6 +36,7 @@ class MMGPTConfig(PretrainedConfig):
     vision_fused_attention: bool = True
     vision_conv_stem: bool = False
     text_pretrained: str = ""
+    text_attn_implementation: str = ""  # "" = transformers' default for the decoder; "eager" is fastest for tiny ones
     projector_shuffle_factor: int = 1
     image_token_id: int = 0
     tie_word_embeddings: bool = False
@@ -65,7 +66,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.vision = VisionEncoder(
             config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention, config.vision_conv_stem
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config, **self._attention_kwargs(config))
         self.projector = Projector(
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
         )
@@ -84,8 +85,14 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 config.vision_conv_stem,
             )
         if config.text_pretrained:
-            model.language_model = AutoModelForCausalLM.from_pretrained(config.text_pretrained, config=config.text_config)
+            model.language_model = AutoModelForCausalLM.from_pretrained(
+                config.text_pretrained, config=config.text_config, **cls._attention_kwargs(config)
+            )
         return model
+
+    @staticmethod
+    def _attention_kwargs(config: MMGPTConfig) -> dict:
+        return {"attn_implementation": config.text_attn_implementation} if config.text_attn_implementation else {}
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Only the projector is ours to initialise: timm and the decoder initialise their own modules."""
