@@ -77,7 +77,9 @@ def to_messages(history: list[dict], text: str, files: list[str]) -> tuple[list[
     return messages, unreadable
 
 
-def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
+def responder(model: MMGPT):
+    """The chat function: streams the reply to the new message, or a notice when the input cannot be answered."""
+
     def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
@@ -105,6 +107,10 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
         if not answer.strip():
             yield prefix + NOTICE + "(the model gave an empty answer)"
 
+    return respond
+
+
+def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
     examples = [
         [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16],
         [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16],
@@ -113,7 +119,7 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
     with gr.Blocks(title="mmgpt") as app:
         gr.Markdown(f"## mmgpt\nImage-grounded chat. Checkpoint loaded: `{checkpoint}`")
         gr.ChatInterface(
-            respond,
+            responder(model),
             multimodal=True,
             textbox=gr.MultimodalTextbox(file_types=["image"], file_count="multiple", sources=["upload"],
                                          placeholder="Ask about an image: attach, paste or drop it here"),

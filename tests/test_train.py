@@ -69,3 +69,19 @@ def test_unknown_module_name_in_freeze_is_an_error(shapes_dir, tmp_path):
     config = tiny_config(shapes_dir, tmp_path / "run", "train.freeze=[visoin]", "train.max_steps=1")
     with pytest.raises(ValueError, match="visoin"):
         train(config)
+
+
+def test_gradient_accumulation_steps_once_per_accumulated_batch(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path / "run", "train.max_steps=3", "train.grad_accum_steps=2",
+                         "train.batch_size=2", "train.save_every=1", "train.keep_checkpoints=5", "data.eval=")
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["supervised_tokens"] > 0 for r in records)
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors")
+    second = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
+    assert not torch.equal(first["projector.mlp.0.weight"], second["projector.mlp.0.weight"])
+    optimizer_steps = torch.load(tmp_path / "run" / "checkpoints" / "step-3" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in optimizer_steps["state"].values()} == {3}
