@@ -172,6 +172,9 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         accelerator.load_state(str(resume_from), load_kwargs={"weights_only": True})
         step = checkpoint.load_trainer_state(resume_from)["step"]
         log(f"resuming from {resume_from} (step {step})")
+        if step >= config.train.max_steps and (output_dir / "final" / "model.safetensors").is_file():
+            log(f"already finished: {step} of {config.train.max_steps} steps; the model is in {output_dir / 'final'}")
+            return TrainResult(output_dir / "final", step)
     if accelerator.is_main_process:
         checkpoint.prune(output_dir, config.train.keep_checkpoints)
         _truncate_metrics(output_dir / METRICS_FILE, step)
