@@ -161,7 +161,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         f"{model.num_image_tokens} tokens per image; precision: {accelerator.mixed_precision}"
     )
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
