@@ -17,7 +17,12 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     figure, axis = plt.subplots(figsize=(7, 4))
     if train:
-        axis.plot(*zip(*train), label="train loss", linewidth=1)
+        steps, losses = zip(*train)
+        axis.plot(steps, losses, label="train loss", linewidth=0.5, alpha=0.35)
+        window = max(1, len(losses) // 40)
+        smoothed = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                    for i in range(len(losses))]
+        axis.plot(steps, smoothed, label=f"train loss (mean of {window} steps)", linewidth=1.5)
     if evals:
         axis.plot(*zip(*evals), "o-", label="eval loss")
     axis.set_xlabel("step")
