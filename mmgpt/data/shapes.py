@@ -76,7 +76,7 @@ def caption(scene: list[Shape]) -> str:
 
 
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for each question kind this scene supports; position is asked on both axes."""
+    """One (kind, question, answer) per question kind that this scene supports."""
     items = []
     shape_counts = {s: sum(item.shape == s for item in scene) for s in SHAPES}
     colour_counts = {c: sum(item.colour == c for item in scene) for c in COLOURS}
@@ -102,9 +102,10 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
         answer = "no"
     items.append(("presence", f"Is there a {colour} {shape}?", answer))
     item = rng.choice(scene)
-    items.append(("position", f"Is the {item.name} on the left or the right?", ("left", "right")[item.column]))
-    item = rng.choice(scene)
-    items.append(("position", f"Is the {item.name} at the top or the bottom?", ("top", "bottom")[item.row]))
+    if rng.random() < 0.5:
+        items.append(("position", f"Is the {item.name} on the left or the right?", ("left", "right")[item.column]))
+    else:
+        items.append(("position", f"Is the {item.name} at the top or the bottom?", ("top", "bottom")[item.row]))
     return items
 
 
@@ -160,7 +161,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     for _ in range(train):
         roll = rng.random()
         if roll < 0.5:
-            train_records.append(_vqa_chat(writer, rng, max_questions=6))
+            train_records.append(_vqa_chat(writer, rng, max_questions=5))
         elif roll < 0.9:
             train_records.append(_caption_doc(writer, rng))
         else:
@@ -175,7 +176,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
         found = [q for q in questions(scene, eval_rng) if q[0] == wanted]
         if not found:
             continue
-        _, question, answer = eval_rng.choice(found)
+        _, question, answer = found[0]
         image = eval_writer.image(scene)
         eval_records.append(
             {
