@@ -59,7 +59,7 @@ def to_messages(history: list[dict], text: str, files: list[str]) -> tuple[list[
         role = message.get("role")
         parts = _parts(message.get("content"))
         if role == "assistant":
-            reply = "".join(value for kind, value in parts if kind == "text")
+            reply = "".join(value for kind, value in parts if kind == "text").split("\n\n" + NOTICE)[0]
             if reply and not reply.startswith(NOTICE):
                 add("assistant", [{"type": "text", "text": reply}])
         elif role == "user":
@@ -98,14 +98,13 @@ def responder(model: MMGPT):
         except ContextTooLongError as error:
             yield NOTICE + f"This message is too long for the model: {error}. Clear the chat or send less."
             return
-        prefix = NOTICE + f"(the {dropped} oldest messages no longer fit the context and were left out)\n\n" if dropped else ""
+        note = f"\n\n{NOTICE}the {dropped} oldest messages no longer fit the context and were left out." if dropped else ""
         answer = ""
         for piece in model.chat(messages, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
                                 temperature=max(temperature, 1e-5), top_p=top_p, stream=True):
             answer += piece
-            yield prefix + answer
-        if not answer.strip():
-            yield prefix + NOTICE + "(the model gave an empty answer)"
+            yield answer
+        yield (answer.strip() or NOTICE + "the model gave an empty answer.") + note
 
     return respond
 

@@ -88,7 +88,7 @@ def test_pretrained_parts_load_from_local_paths(tmp_path):
     save_file(vit.state_dict(), tmp_path / "vit.safetensors")
     decoder = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=95, n_positions=128))
     decoder.save_pretrained(tmp_path / "gpt2")
-    vocab = {chr(i): i - 32 for i in range(33, 127)} | {"<|endoftext|>": 94}
+    vocab = {chr(i): i - 33 for i in range(33, 127)} | {"<|endoftext|>": 94}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     GPT2TokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2")
@@ -133,7 +133,7 @@ def test_gpu_recipe_loads_its_parts_through_local_stand_ins(tmp_path):
     vit = timm.create_model("vit_base_patch16_siglip_224", num_classes=0, **tiny_vit)
     save_file(vit.state_dict(), tmp_path / "siglip.safetensors")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=128)).save_pretrained(tmp_path / "gpt2")
-    backend = Tokenizer(models.BPE(vocab={chr(i): i - 32 for i in range(33, 127)} | {"<|endoftext|>": 94}, merges=[]))
+    backend = Tokenizer(models.BPE(vocab={chr(i): i - 33 for i in range(33, 127)} | {"<|endoftext|>": 94}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     GPT2TokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2")
 
