@@ -1,7 +1,7 @@
 """mmgpt against transformers' LlavaForConditionalGeneration at the same sizes: train step and greedy generation.
 
-Both models get the same vision size (ViT width 192, depth 6, 64x64 images, patch 8), the same decoder (GPT-2,
-4 layers, width 256, eager attention), the same number of image tokens per image (64: no pixel shuffle, since
+Both models get the same vision size (ViT width 192, depth 6, 64x64 images, patch 8), a decoder of the same size
+(4 layers, width 256, MLP 1024, eager attention: GPT-2 for mmgpt, Llama for Llava, which needs one), the same number of image tokens per image (64: no pixel shuffle, since
 Llava has none) and the same batches. Reports median and minimum seconds over repetitions and the ratio
 Llava / mmgpt (> 1: mmgpt is faster).
 
@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from transformers import CLIPVisionConfig, GPT2Config, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, GPT2Config, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
 
@@ -38,10 +38,13 @@ def build_mmgpt() -> torch.nn.Module:
 def build_llava() -> torch.nn.Module:
     vision = CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=6, num_attention_heads=3,
                               image_size=64, patch_size=8)
-    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text_config().to_dict(),
+    # Llava's decoder must be Llama-style (it ties `embed_tokens`): the same width, depth, heads and MLP size.
+    text = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                          image_token_index=IMAGE_TOKEN, image_seq_length=64, vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
-    return LlavaForConditionalGeneration(config).to(torch.float32)
+    return LlavaForConditionalGeneration._from_config(config, attn_implementation="eager").to(torch.float32)
 
 
 def batch(batch_size: int, text_tokens: int = 24) -> dict:
