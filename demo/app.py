@@ -128,7 +128,7 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
                 gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", render=False),
                 gr.Slider(1, 128, value=32, step=1, label="max new tokens", render=False),
             ],
-            additional_inputs_accordion=gr.Accordion("generation settings", open=False),
+            additional_inputs_accordion="generation settings",
             examples=examples,
             flagging_mode="never",
             api_name="chat",
