@@ -63,43 +63,48 @@ class MMGPT:
             raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
         return parse_record({"messages": messages}, base_dir=None, where="messages")
 
-    def encode_prompt(self, messages: list[dict], max_new_tokens: int) -> Encoded:
-        """The prompt for the next assistant turn; raises `ContextTooLongError` if it cannot fit."""
-        encoded = self.processor.encode(self._sample(messages), add_generation_prompt=True)
+    def _tokenize_prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
+        """Token ids, labels and image references of the prompt (no image loaded); `ContextTooLongError` if too long."""
+        sample = self._sample(messages)
+        ids, labels, images = self.processor.tokenize(sample, add_generation_prompt=True)
         limit = self.context_length - max_new_tokens
-        if len(encoded.input_ids) > limit:
+        if len(ids) > limit:
             raise ContextTooLongError(
-                f"prompt is {len(encoded.input_ids)} tokens ({encoded.num_images} image(s) of "
-                f"{self.processor.num_image_tokens + 2} tokens each included); with max_new_tokens={max_new_tokens} "
-                f"the limit is {limit} (context {self.context_length})"
+                f"prompt is {len(ids)} tokens ({len(images)} image(s) of {self.processor.num_image_tokens + 2} "
+                f"tokens each included); with max_new_tokens={max_new_tokens} the limit is {limit} "
+                f"(context {self.context_length})"
             )
-        return encoded
+        return sample, ids, labels, images
+
+    def encode_prompt(self, messages: list[dict], max_new_tokens: int) -> Encoded:
+        """The prompt for the next assistant turn, images loaded; raises `ContextTooLongError` if it cannot fit."""
+        sample, ids, labels, images = self._tokenize_prompt(messages, max_new_tokens)
+        return Encoded(ids, labels, self.processor.pixel_values(images, sample.source))
 
     def fit_to_context(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
-        """(messages kept, number dropped): see `_fit`."""
-        kept, dropped, _ = self._fit(messages, max_new_tokens)
-        return kept, dropped
-
-    def _fit(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int, Encoded]:
-        """Drop the oldest whole exchanges until the prompt fits.
+        """Drop the oldest whole exchanges until the prompt fits; returns (messages kept, number dropped).
 
         The rule: system messages and the newest user message are always kept; before them, the oldest
         messages go first, a user message together with the assistant replies that follow it, so no turn and no
         image is ever cut in half. If even the shortest form does not fit, `ContextTooLongError` says why.
-        Returns the messages kept, how many were dropped, and the encoded prompt.
+        Only tokenises: no image is loaded while searching.
         """
         system = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
         rest = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
         dropped = 0
         while True:
             try:
-                return system + rest, dropped, self.encode_prompt(system + rest, max_new_tokens)
+                self._tokenize_prompt(system + rest, max_new_tokens)
+                return system + rest, dropped
             except ContextTooLongError:
                 later_users = [i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"]
                 if not later_users:
                     raise
                 dropped += later_users[0]
                 rest = rest[later_users[0] :]
+
+    def _encode_fitted(self, messages: list[dict], max_new_tokens: int) -> Encoded:
+        return self.encode_prompt(self.fit_to_context(messages, max_new_tokens)[0], max_new_tokens)
 
     def _generate_kwargs(self, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
         kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
@@ -122,7 +127,7 @@ class MMGPT:
         top_p: float = 1.0,
     ) -> list[str]:
         """Answer several conversations in one left-padded batch (each cut to fit by `fit_to_context`)."""
-        encoded = [self._fit(messages, max_new_tokens)[2] for messages in conversations]
+        encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
         batch = collate(encoded, self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
         with self._lock, torch.inference_mode():
@@ -142,7 +147,7 @@ class MMGPT:
         """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
         if not stream:
             return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
-        encoded = self._fit(messages, max_new_tokens)[2]
+        encoded = self._encode_fitted(messages, max_new_tokens)
         batch = collate([encoded], self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
