@@ -6,6 +6,7 @@ for each step, take the step's batches, forward, backward, clip, step, and now a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -53,23 +54,26 @@ def mixed_precision_for(setting: str) -> str:
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 
 
-def batch_indices(lengths: list[int], batch_size: int, seed: int, micro_step: int, group: int = 16) -> list[int]:
-    """The sample indices of global micro-batch `micro_step`, a pure function of its arguments (so resume is exact).
-
-    Each epoch is a seeded shuffle; within windows of `group` batches, samples are sorted by length so a batch
-    pads little, and the batches of the epoch are then shuffled again.
-    """
-    num_samples = len(lengths)
-    per_epoch = num_samples // batch_size
+def batch_indices(lengths: tuple[int, ...], batch_size: int, seed: int, micro_step: int) -> list[int]:
+    """The sample indices of global micro-batch `micro_step`, a pure function of its arguments (so resume is exact)."""
+    per_epoch = len(lengths) // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the data set ({num_samples} samples)")
+        raise ValueError(f"batch size {batch_size} is larger than the data set ({len(lengths)} samples)")
     epoch, position = divmod(micro_step, per_epoch)
+    return _epoch_batches(lengths, batch_size, seed, epoch)[position]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int, group: int = 16) -> list[list[int]]:
+    """One epoch's batches: a seeded shuffle, sorted by length within windows of `group` batches so a batch pads
+    little, then the batches shuffled again. Cached: every step of the epoch reads it."""
+    per_epoch = len(lengths) // batch_size
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator)[: per_epoch * batch_size].tolist()
+    order = torch.randperm(len(lengths), generator=generator)[: per_epoch * batch_size].tolist()
     window = group * batch_size
     order = [i for start in range(0, len(order), window) for i in sorted(order[start : start + window], key=lengths.__getitem__)]
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    return batches[int(torch.randperm(per_epoch, generator=generator)[position])]
+    return [batches[i] for i in torch.randperm(per_epoch, generator=generator).tolist()]
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

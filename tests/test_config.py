@@ -33,7 +33,7 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path):
 
 
 def test_batch_order_is_seeded_complete_and_length_grouped():
-    lengths = [(i * 37) % 101 for i in range(64)]
+    lengths = tuple((i * 37) % 101 for i in range(64))
     epoch = [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]
     assert sorted(i for batch in epoch for i in batch) == list(range(64))
     assert epoch == [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]

@@ -30,7 +30,7 @@ class EncodedDataset(Dataset):
                 continue
             self.samples.append(sample)
             self.tokens.append((ids, labels, images))
-        self.lengths = [len(ids) for ids, _, _ in self.tokens]
+        self.lengths = tuple(len(ids) for ids, _, _ in self.tokens)
 
     def __len__(self) -> int:
         return len(self.samples)
