@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmgpt.data.records import RecordError, iter_lines
+from mmgpt.data.records import RecordError, iter_lines, parse_record
 from mmgpt.inference import MMGPT
 
 
@@ -45,9 +45,10 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise RecordError(f"{where}: malformed JSON ({error.msg})") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+        sample = parse_record(record, path.parent, where)  # the training checks: roles, content, image paths
+        if not sample.is_chat or sample.turns[-1].role != "assistant" or len(sample.turns) < 2:
             raise RecordError(f"{where}: an eval record must be a chat ending with the assistant's answer")
+        messages = record["messages"]
         prompt = [_absolute(message, path.parent) for message in messages[:-1]]
         items.append(EvalItem(prompt, _text(messages[-1]["content"]), record.get("kind", "all"), where))
     return items

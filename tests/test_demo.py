@@ -59,15 +59,12 @@ def served(shapes_dir, tmp_path_factory):
     module = load_app_module()
     port = free_port()
     app = module.launch(MMGPT.from_pretrained(final, device="cpu"), str(final), port=port, block=False)
-    yield {"url": f"http://127.0.0.1:{port}/", "image": folder / "demo_picture.png", "module": module}
+    yield {"url": f"http://127.0.0.1:{port}/", "image": folder / "demo_picture.png", "app": app}
     app.close()
 
 
-def test_demo_binds_loopback_by_default():
-    import inspect
-
-    module = load_app_module()
-    assert inspect.signature(module.launch).parameters["host"].default == "127.0.0.1"
+def test_demo_binds_loopback_by_default(served):
+    assert served["app"].server_name == "127.0.0.1"  # launched without a host: this machine only
 
 
 def test_chat_in_a_real_browser(served, tmp_path):

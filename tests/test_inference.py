@@ -1,6 +1,7 @@
 import threading
 
 import pytest
+import torch
 from PIL import Image
 
 from mmgpt import MMGPT
@@ -32,9 +33,12 @@ def test_image_item_may_be_a_path(api, tmp_path):
     assert by_path == by_image
 
 
-def test_sampling_options_are_accepted(api):
-    answer = api.chat([ask("hi")], max_new_tokens=5, do_sample=True, temperature=0.7, top_p=0.9)
-    assert isinstance(answer, str)
+def test_sampling_is_seeded_by_torch(api):
+    answers = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        answers.append(api.chat([ask("hi")], max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9))
+    assert answers[0] == answers[1]
 
 
 def test_long_history_drops_whole_oldest_exchanges(api):
