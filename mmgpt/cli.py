@@ -11,8 +11,10 @@ from pathlib import Path
 def _data_shapes(args: argparse.Namespace) -> int:
     from mmgpt.data.shapes import write_shapes
 
-    train_path, eval_path = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval)
-    print(f"wrote {train_path} ({args.train} records) and {eval_path} ({args.eval} records)")
+    paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
+                         eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way)
+    for path in paths:
+        print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
 
 
@@ -100,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--train", type=int, default=8000, help="training records")
     shapes.add_argument("--eval", type=int, default=500, help="held-out VQA chats")
+    shapes.add_argument("--episodes", type=int, default=0,
+                        help="fast-binding episodes (made-up words bound in context) added to train.jsonl")
+    shapes.add_argument("--eval-episodes", type=int, default=0,
+                        help="held-out-word episodes written to episodes-eval.jsonl, for `mmgpt eval --shots`")
+    shapes.add_argument("--ways", type=int, default=2, help="categories per held-out episode")
+    shapes.add_argument("--per-way", type=int, default=5,
+                        help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
 
     train = commands.add_parser("train", help="train (resumes from the newest checkpoint of the run)")

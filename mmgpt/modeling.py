@@ -6,6 +6,7 @@ it stands in the text. They are computed at prefill only: `generate()` drops `pi
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -71,6 +72,11 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
         )
         self.post_init()
+
+    @property
+    def _cache_argument(self) -> str:
+        """The decoder's name for its KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+        return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_parts(cls, config: MMGPTConfig) -> "MMGPTForConditionalGeneration":
@@ -139,6 +145,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
         past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -146,8 +153,9 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ):
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 says `cache`
         if inputs_embeds is None:
-            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            prefill = cache is None or cache.get_seq_length() == 0
             if prefill or pixel_values is not None:
                 inputs_embeds = self.embed_with_images(input_ids, pixel_values)
             else:
@@ -159,7 +167,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{self._cache_argument: cache},
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,

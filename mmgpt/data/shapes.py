@@ -1,4 +1,5 @@
-"""A deterministic synthetic world of coloured shapes: images, captions, VQA chats and interleaved documents.
+"""A deterministic synthetic world of coloured shapes: images, captions, VQA chats (one or two images) and
+interleaved documents.
 
 Each 64x64 image holds 1-4 objects, one per quadrant, with distinct (colour, shape) pairs, so "the red circle",
 "left" and "top" are never ambiguous. The same seed always writes the same files.
@@ -8,64 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from mmgpt.data.episodes import held_out_episodes, made_up_words, training_episode
+from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 200, 30),
-    "purple": (150, 60, 190),
-}
-SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four")
-QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (column, row): top left, top right, bottom left, bottom right
-IMAGE_SIZE = 64
-
-
-@dataclass(frozen=True)
-class Shape:
-    colour: str
-    shape: str
-    column: int  # 0 left, 1 right
-    row: int  # 0 top, 1 bottom
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
-    @property
-    def place(self) -> str:
-        return f"{('top', 'bottom')[self.row]} {('left', 'right')[self.column]}"
-
-
-def random_scene(rng: random.Random) -> list[Shape]:
-    count = rng.randint(1, 4)
-    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
-    quadrants = rng.sample(QUADRANTS, count)
-    return [Shape(colour, shape, column, row) for (colour, shape), (column, row) in zip(pairs, quadrants)]
-
-
-def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    half = IMAGE_SIZE // 2
-    for item in scene:
-        size = rng.randint(16, 24)
-        left = item.column * half + rng.randint(2, half - size - 2)
-        top = item.row * half + rng.randint(2, half - size - 2)
-        box = (left, top, left + size, top + size)
-        fill = COLOURS[item.colour]
-        if item.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif item.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=fill)
-    return image
 
 
 def caption(scene: list[Shape]) -> str:
@@ -109,21 +58,27 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
     return items
 
 
-class _Writer:
-    """Draws scenes into `out/images/` and hands back their relative paths."""
-
-    def __init__(self, out: Path, prefix: str, rng: random.Random):
-        self.out, self.prefix, self.rng, self.count = out, prefix, rng, 0
-        (out / "images").mkdir(parents=True, exist_ok=True)
-
-    def image(self, scene: list[Shape]) -> str:
-        relative = f"images/{self.prefix}{self.count:06d}.png"
-        self.count += 1
-        draw_scene(scene, self.rng).save(self.out / relative)
-        return relative
+PAIR_KINDS = ("more", "same colour")
 
 
-def _vqa_chat(writer: _Writer, rng: random.Random, max_questions: int) -> dict:
+def pair_question(rng: random.Random, kind: str | None = None) -> tuple[list[list[Shape]], str, str]:
+    """(two scenes, question, answer) for a question that needs both images; answers are balanced."""
+    kind = kind or rng.choice(PAIR_KINDS)
+    if kind == "more":
+        fewer, more = sorted(rng.sample(range(1, 5), 2))
+        first_has_more = rng.random() < 0.5
+        counts = (more, fewer) if first_has_more else (fewer, more)
+        scenes = [random_scene(rng, count) for count in counts]
+        answer = "first" if first_has_more else "second"
+        return scenes, "Which image has more shapes, the first or the second?", answer
+    first = random_scene(rng, 1)
+    same = rng.random() < 0.5
+    colour = first[0].colour if same else rng.choice([c for c in COLOURS if c != first[0].colour])
+    second = [Shape(colour, rng.choice(SHAPES), *rng.choice(QUADRANTS))]
+    return [first, second], "Are the two shapes the same colour?", "yes" if same else "no"
+
+
+def _vqa_chat(writer: ImageWriter, rng: random.Random, max_questions: int) -> dict:
     scene = random_scene(rng)
     image = writer.image(scene)
     asked = questions(scene, rng)
@@ -136,12 +91,20 @@ def _vqa_chat(writer: _Writer, rng: random.Random, max_questions: int) -> dict:
     return {"messages": messages}
 
 
-def _caption_doc(writer: _Writer, rng: random.Random) -> dict:
+def _pair_chat(writer: ImageWriter, rng: random.Random, kind: str | None = None) -> dict:
+    scenes, question, answer = pair_question(rng, kind)
+    content = [{"type": "image", "image": writer.image(scene)} for scene in scenes]
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer}]
+    return {"messages": messages}
+
+
+def _caption_doc(writer: ImageWriter, rng: random.Random) -> dict:
     scene = random_scene(rng)
     return {"content": [{"type": "image", "image": writer.image(scene)}, {"type": "text", "text": caption(scene)}]}
 
 
-def _interleaved_doc(writer: _Writer, rng: random.Random) -> dict:
+def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
     content = [{"type": "text", "text": "A page of pictures."}]
     for index in range(rng.randint(2, 3)):
         scene = random_scene(rng)
@@ -151,28 +114,37 @@ def _interleaved_doc(writer: _Writer, rng: random.Random) -> dict:
     return {"content": content}
 
 
-def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500) -> tuple[Path, Path]:
-    """Write `out/train.jsonl` (VQA chats, captions, interleaved documents) and `out/eval.jsonl` (one question each)."""
+def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
+                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5) -> list[Path]:
+    """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
+    with training words) and `out/eval.jsonl` (one question each, balanced over the question kinds, two-image
+    questions included); with `eval_episodes`, also `out/episodes-eval.jsonl`: `ways`-way episodes of held-out
+    words, `per_way` records per category, for few-shot evaluation."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    writer = _Writer(out, "train", rng)
+    writer = ImageWriter(out, "train", rng)
     train_records = []
     for _ in range(train):
         roll = rng.random()
-        if roll < 0.5:
+        if roll < 0.45:
             train_records.append(_vqa_chat(writer, rng, max_questions=5))
+        elif roll < 0.55:
+            train_records.append(_pair_chat(writer, rng))
         elif roll < 0.9:
             train_records.append(_caption_doc(writer, rng))
         else:
             train_records.append(_interleaved_doc(writer, rng))
     eval_rng = random.Random(f"eval-{seed}")
-    eval_writer = _Writer(out, "eval", eval_rng)
-    kinds = ("colour", "shape", "count", "presence", "position")
+    eval_writer = ImageWriter(out, "eval", eval_rng)
+    kinds = ("colour", "shape", "count", "presence", "position", *PAIR_KINDS)
     eval_records = []
     while len(eval_records) < eval:
-        scene = random_scene(eval_rng)
         wanted = kinds[len(eval_records) % len(kinds)]
+        if wanted in PAIR_KINDS:
+            eval_records.append(dict(_pair_chat(eval_writer, eval_rng, wanted), kind=wanted))
+            continue
+        scene = random_scene(eval_rng)
         found = [q for q in questions(scene, eval_rng) if q[0] == wanted]
         if not found:
             continue
@@ -187,7 +159,14 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
                 "kind": wanted,
             }
         )
-    paths = out / "train.jsonl", out / "eval.jsonl"
-    for path, records in zip(paths, (train_records, eval_records)):
-        path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return paths
+    training_words, held_out_words = made_up_words()
+    train_records += [training_episode(writer, rng, training_words) for _ in range(episodes)]
+    rng.shuffle(train_records)
+    written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
+    if eval_episodes:
+        episode_writer = ImageWriter(out, "episode", random.Random(f"episodes-{seed}"))
+        written["episodes-eval.jsonl"] = held_out_episodes(
+            episode_writer, episode_writer.rng, held_out_words, eval_episodes, ways, per_way)
+    for name, records in written.items():
+        (out / name).write_text("".join(json.dumps(record) + "\n" for record in records))
+    return [out / name for name in written]
