@@ -27,12 +27,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result.final_dir is not None else 130
 
 
+def _shot_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shots takes whole numbers separated by commas, e.g. 0,1,2,4; got {text!r}")
+    if any(count < 0 for count in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"--shots takes distinct numbers >= 0; got {text!r}")
+    return counts
+
+
 def _eval(args: argparse.Namespace) -> int:
+    import contextlib
+
     from mmgpt.evaluate import evaluate
     from mmgpt.inference import MMGPT
+    from mmgpt.plot import plot_few_shot
 
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
-    print(json.dumps(evaluate(model, args.data, batch_size=args.batch_size, out=args.out)))
+    with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+        results = [evaluate(model, args.data, batch_size=args.batch_size, out=out, shots=shots, support=args.support,
+                            seed=args.seed) for shots in args.shots]
+    if len(results) == 1:
+        print(json.dumps(results[0]))
+        return 0
+    print(f"{'shots':>5}  {'accuracy':>8}  {'blind':>6}  {'n':>5}")
+    for result in results:
+        print(f"{result['shots']:>5}  {result['accuracy']:>8.3f}  {result['blind_accuracy']:>6.3f}  {result['n']:>5}")
+    plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).resolve().parent / f"few-shot-{Path(args.data).stem}.png"
+    plot_few_shot(results, plot_path, title=f"{Path(args.checkpoint).resolve().parent.name} on {Path(args.data).name}")
+    print(f"plot: {plot_path}")
+    print(json.dumps(results))
     return 0
 
 
@@ -117,10 +142,17 @@ def parser() -> argparse.ArgumentParser:
                        help="override config values, e.g. --set train.lr=1e-3 train.max_steps=100")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="accuracy on held-out chats, with a blind (blank image) baseline")
+    evaluate = commands.add_parser("eval", help="accuracy on held-out chats, zero- or few-shot, with a blind (blank "
+                                               "image) baseline")
     evaluate.add_argument("checkpoint", help="a saved model folder, e.g. runs/tiny-shapes/final")
     evaluate.add_argument("--data", required=True, help="JSONL of chats ending with the reference answer")
     evaluate.add_argument("--out", help="write per-sample predictions (JSONL) here")
+    evaluate.add_argument("--shots", type=_shot_counts, default=[0], metavar="K[,K...]",
+                          help="solved examples before each query, e.g. 0,1,2,4 (several: a table and a plot); with "
+                               "fast-binding episodes K counts examples per category")
+    evaluate.add_argument("--support", help="draw the solved examples from this JSONL instead of --data")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed for drawing the solved examples")
+    evaluate.add_argument("--plot", help="accuracy-against-shots plot (default: beside the checkpoint)")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(run=_eval)

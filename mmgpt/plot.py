@@ -1,4 +1,4 @@
-"""The loss curve of a run, drawn from its metrics JSONL."""
+"""Plots: the loss curve of a run (from its metrics JSONL) and few-shot accuracy against the number of shots."""
 
 from __future__ import annotations
 
@@ -31,5 +31,29 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+
+
+def plot_few_shot(results: list[dict], out_path: Path, title: str) -> None:
+    """Accuracy (with the images, and blind) against the number of solved examples in the context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = [result["shots"] for result in results]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot(shots, [result["accuracy"] for result in results], "o-", label="with images")
+    axis.plot(shots, [result["blind_accuracy"] for result in results], "s--", label="blind (blank images)")
+    axis.set_xticks(shots)
+    axis.set_xlabel("shots (solved examples in context)")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_path, dpi=100)
     plt.close(figure)

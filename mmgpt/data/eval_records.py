@@ -1,0 +1,69 @@
+"""Eval records: chats whose last message is the reference answer, read with the same checks as training data."""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmgpt.data.records import RecordError, iter_lines, parse_record
+
+
+def normalise(answer: str) -> str:
+    """Lower-case, then strip punctuation and spaces at both ends."""
+    return answer.lower().strip(string.punctuation + string.whitespace)
+
+
+@dataclass
+class EvalItem:
+    messages: list[dict]  # the conversation up to (not including) the answer
+    answer: str
+    kind: str
+    where: str
+    episode: str | None = None  # fast-binding episode: few-shot examples come from the same one
+
+    @property
+    def solved(self) -> list[dict]:
+        """The conversation with its reference answer: a few-shot example."""
+        return self.messages + [{"role": "assistant", "content": self.answer}]
+
+    @property
+    def images(self) -> list:
+        return [part["image"] for message in self.messages if isinstance(message["content"], list)
+                for part in message["content"] if part.get("type") == "image"]
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else "".join(item.get("text", "") for item in content)
+
+
+def read_eval_items(path: str | Path) -> list[EvalItem]:
+    """Chats whose last message is the assistant's reference answer; image paths made absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval file not found: {path}")
+    items = []
+    for line_number, line in enumerate(iter_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{where}: malformed JSON ({error.msg})") from None
+        sample = parse_record(record, path.parent, where)  # the training checks: roles, content, image paths
+        if not sample.is_chat or sample.turns[-1].role != "assistant" or len(sample.turns) < 2:
+            raise RecordError(f"{where}: an eval record must be a chat ending with the assistant's answer")
+        messages = record["messages"]
+        prompt = [_absolute(message, path.parent) for message in messages[:-1]]
+        items.append(EvalItem(prompt, _text(messages[-1]["content"]), record.get("kind", "all"), where,
+                              record.get("episode")))
+    return items
+
+
+def _absolute(message: dict, base: Path) -> dict:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = [dict(item, image=str(base / item["image"])) if item.get("type") == "image" else item for item in content]
+    return dict(message, content=content)
