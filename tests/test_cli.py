@@ -64,3 +64,35 @@ def test_missing_image_in_data_is_reported_with_file_and_line(tmp_path):
     result = mmgpt("train", str(ROOT / "configs" / "tiny-shapes.yaml"), "--set", "data.train=bad.jsonl", cwd=tmp_path)
     assert result.returncode == 2
     assert "bad.jsonl line 1" in result.stderr and "nope.png" in result.stderr and "not found" in result.stderr
+
+
+@pytest.mark.slow
+def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
+    made = mmgpt("data", "shapes", "--out", "icl", "--train", "20", "--eval", "7", "--episodes", "20",
+                 "--eval-episodes", "2", "--per-way", "3", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert "episodes-eval.jsonl (12 records)" in made.stdout
+    trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, "--set",
+                    "output_dir=run", "data.train=icl/train.jsonl", "data.eval=", "train.max_steps=3", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+
+    evaluated = mmgpt("eval", "run/final", "--data", "icl/episodes-eval.jsonl", "--shots", "0,1,2",
+                      "--out", "preds.jsonl", "--plot", "few-shot.png", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    lines = evaluated.stdout.strip().splitlines()
+    assert lines[0].split() == ["shots", "accuracy", "blind", "n"]
+    results = json.loads(lines[-1])
+    assert [r["shots"] for r in results] == [0, 1, 2] and all(r["n"] == 12 for r in results)
+    assert [line.split()[0] for line in lines[1:4]] == ["0", "1", "2"]
+    predictions = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert sorted(p["shots"] for p in predictions) == [0] * 12 + [1] * 12 + [2] * 12
+    assert (tmp_path / "few-shot.png").read_bytes()[:4] == b"\x89PNG"
+
+    one = mmgpt("eval", "run/final", "--data", "icl/eval.jsonl", "--shots", "2", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout.strip().splitlines()[-1])["shots"] == 2
+
+    too_many = mmgpt("eval", "run/final", "--data", "icl/episodes-eval.jsonl", "--shots", "3", cwd=tmp_path)
+    assert too_many.returncode == 2 and "too few other examples per answer for 3 shots" in too_many.stderr
+    bad = mmgpt("eval", "run/final", "--data", "icl/eval.jsonl", "--shots", "1,x", cwd=tmp_path)
+    assert bad.returncode == 2 and "--shots takes whole numbers" in bad.stderr
