@@ -99,7 +99,7 @@ def test_training_episodes_bind_each_word_to_one_category(icl_dir):
         assert 2 <= len(set(words)) <= 3 and len(words) > len(set(words))  # every episode has a repeat to answer
         for question in questions:
             assert sorted(question.removeprefix("Is this ").rstrip("?").replace(" or ", ", ").split(", ")) == \
-                sorted(f"a {word}" for word in set(words))
+                sorted(f'a "{word}"' for word in set(words))
 
 
 def test_two_image_questions_have_the_right_answers():

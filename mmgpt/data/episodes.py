@@ -2,7 +2,7 @@
 one context only.
 
 An episode picks N categories (a colour and a shape) and N made-up words. Each turn shows one image of one category
-and asks "Is this a dax or a wug?" (all N words, in a fresh order); the answer is the word bound to that category in
+(varied in size and place) and asks 'Is this a "dax" or a "wug"?' (all N words, in a fresh order); the answer is the word bound to that category in
 this episode. A category's first sight can only be guessed; every later one can be answered by looking back. Words
 change from episode to episode, and held-out episodes use only words that no training episode uses, so a model can
 answer them only by binding in context.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape
+from mmgpt.data.scenes import COLOURS, SHAPES, ImageWriter, draw_object
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -33,8 +33,9 @@ def made_up_words() -> tuple[list[str], list[str]]:
 
 
 def options_question(words: list[str]) -> str:
-    """'Is this a dax or a wug?' / 'Is this a dax, a wug or a zib?'"""
-    named = [f"a {word}" for word in words]
+    """'Is this a "dax" or a "wug"?' / 'Is this a "dax", a "wug" or a "zib"?' The quotes make each word the same
+    tokens in the question as in the answer (no leading space), so naming it is copying it."""
+    named = [f'a "{word}"' for word in words]
     return f"Is this {', '.join(named[:-1])} or {named[-1]}?"
 
 
@@ -44,7 +45,7 @@ def _categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
 
 def _turn(writer: ImageWriter, rng: random.Random, category: tuple[str, str], word: str, words: list[str]) -> list[dict]:
     """One solved example: an image of the category, the question naming every word, and the bound word."""
-    image = writer.image([Shape(*category, *rng.choice(QUADRANTS))])
+    image = writer.save(draw_object(*category, rng))
     options = rng.sample(words, len(words))
     return [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": options_question(options)}]},
@@ -52,7 +53,7 @@ def _turn(writer: ImageWriter, rng: random.Random, category: tuple[str, str], wo
     ]
 
 
-def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], max_turns: int = 8) -> dict:
+def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], max_turns: int = 10) -> dict:
     """One chat: 2- or 3-way, ways+1 to `max_turns` turns, categories in random order (every one shown at least once)."""
     ways = rng.choice((2, 3))
     categories, words = _categories(rng, ways), rng.sample(vocabulary, ways)

@@ -43,7 +43,18 @@ def random_scene(rng: random.Random, count: int | None = None) -> list[Shape]:
     return [Shape(colour, shape, column, row) for (colour, shape), (column, row) in zip(pairs, quadrants)]
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, left: int, top: int, size: int, fill: tuple) -> None:
+    box = (left, top, left + size, top + size)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=fill)
+
+
 def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
+    """Each object somewhere inside its own quadrant, 16-24 px wide."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     half = IMAGE_SIZE // 2
@@ -51,14 +62,16 @@ def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
         size = rng.randint(16, 24)
         left = item.column * half + rng.randint(2, half - size - 2)
         top = item.row * half + rng.randint(2, half - size - 2)
-        box = (left, top, left + size, top + size)
-        fill = COLOURS[item.colour]
-        if item.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif item.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=fill)
+        _draw_shape(draw, item.shape, left, top, size, COLOURS[item.colour])
+    return image
+
+
+def draw_object(colour: str, shape: str, rng: random.Random) -> Image.Image:
+    """One object near the centre, 24-40 px wide: an instance of a category, varied in size and place."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    size = rng.randint(24, 40)
+    left, top = ((IMAGE_SIZE - size) // 2 + rng.randint(-8, 8) for _ in range(2))
+    _draw_shape(ImageDraw.Draw(image), shape, left, top, size, COLOURS[colour])
     return image
 
 
@@ -70,7 +83,10 @@ class ImageWriter:
         (out / "images").mkdir(parents=True, exist_ok=True)
 
     def image(self, scene: list[Shape]) -> str:
+        return self.save(draw_scene(scene, self.rng))
+
+    def save(self, image: Image.Image) -> str:
         relative = f"images/{self.prefix}{self.count:06d}.png"
         self.count += 1
-        draw_scene(scene, self.rng).save(self.out / relative)
+        image.save(self.out / relative)
         return relative
