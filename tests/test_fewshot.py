@@ -95,7 +95,7 @@ def test_training_episodes_bind_each_word_to_one_category(icl_dir):
     assert len(episodes) == 30
     for episode in episodes:
         words = [m["content"] for m in episode["messages"] if m["role"] == "assistant"]
-        questions = [m["content"][1]["text"] for m in episode["messages"] if m["role"] == "user"]
+        questions = [m["content"][0]["text"] for m in episode["messages"] if m["role"] == "user"]
         assert 2 <= len(set(words)) <= 3 and len(words) > len(set(words))  # every episode has a repeat to answer
         for question in questions:
             assert sorted(question.removeprefix("Is this ").rstrip("?").replace(" or ", ", ").split(", ")) == \

@@ -44,11 +44,12 @@ def _categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
 
 
 def _turn(writer: ImageWriter, rng: random.Random, category: tuple[str, str], word: str, words: list[str]) -> list[dict]:
-    """One solved example: an image of the category, the question naming every word, and the bound word."""
+    """One solved example: the question naming every word, an image of the category, and the bound word. The image
+    comes last in its turn so that the word follows it closely, as a name follows what it names."""
     image = writer.save(draw_object(*category, rng))
     options = rng.sample(words, len(words))
     return [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": options_question(options)}]},
+        {"role": "user", "content": [{"type": "text", "text": options_question(options)}, {"type": "image", "image": image}]},
         {"role": "assistant", "content": word},
     ]
 
