@@ -131,7 +131,7 @@ def parser() -> argparse.ArgumentParser:
                         help="fast-binding episodes (made-up words bound in context) added to train.jsonl")
     shapes.add_argument("--eval-episodes", type=int, default=0,
                         help="held-out-word episodes written to episodes-eval.jsonl, for `mmgpt eval --shots`")
-    shapes.add_argument("--ways", type=int, default=2, help="categories per held-out episode")
+    shapes.add_argument("--ways", type=int, default=2, help="categories per episode, training and held-out")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)

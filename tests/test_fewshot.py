@@ -23,6 +23,12 @@ def icl_dir(tmp_path_factory):
     return folder
 
 
+def training_episodes(folder):
+    """The fast-binding chats of a train.jsonl: the ones whose questions offer quoted made-up words."""
+    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    return [r for r in records if "messages" in r and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
+
+
 def examples_of(item, query):
     """The solved examples in a few-shot item: every user message before the query's own, with its answer."""
     messages = item.messages[: len(item.messages) - len(query.messages)]
@@ -83,23 +89,21 @@ def test_held_out_words_never_appear_in_training(icl_dir):
     training_words, held_out_words = made_up_words()
     assert held_out_words and not set(training_words) & set(held_out_words)
     assert not set(held_out_words) & {"red", "circle", "yes", "no", "left", "top"}
-    train_answers = {json.loads(line)["messages"][-1]["content"]
-                     for line in (icl_dir / "train.jsonl").read_text().splitlines() if "Is this a" in line}
+    train_answers = {episode["messages"][-1]["content"] for episode in training_episodes(icl_dir)}
     held_out_answers = {item.answer for item in read_eval_items(icl_dir / "episodes-eval.jsonl")}
     assert train_answers <= set(training_words) and held_out_answers <= set(held_out_words)
     assert len(held_out_answers) == 4 * 2  # fresh words in every episode
 
 
 def test_training_episodes_bind_each_word_to_one_category(icl_dir):
-    episodes = [json.loads(line) for line in (icl_dir / "train.jsonl").read_text().splitlines() if "Is this a" in line]
+    episodes = training_episodes(icl_dir)
     assert len(episodes) == 30
     for episode in episodes:
         words = [m["content"] for m in episode["messages"] if m["role"] == "assistant"]
         questions = [m["content"][0]["text"] for m in episode["messages"] if m["role"] == "user"]
-        assert 2 <= len(set(words)) <= 3 and len(words) > len(set(words))  # every episode has a repeat to answer
+        assert len(set(words)) == 2 and 2 < len(words) <= 9  # every episode has a repeat to answer
         for question in questions:
-            assert sorted(question.removeprefix("Is this ").rstrip("?").replace(" or ", ", ").split(", ")) == \
-                sorted(f'a "{word}"' for word in set(words))
+            assert sorted(question.rstrip("?").replace(" or ", ", ").split(", ")) == sorted(f'"{w}"' for w in set(words))
 
 
 def test_two_image_questions_have_the_right_answers():

@@ -1,9 +1,9 @@
 """Fast-binding episodes, after Frozen (Tsimpoukelli et al. 2021): made-up words bound to visual categories inside
 one context only.
 
-An episode picks N categories (a colour and a shape) and N made-up words. Each turn shows one image of one category
-(varied in size and place) and asks 'Is this a "dax" or a "wug"?' (all N words, in a fresh order); the answer is the word bound to that category in
-this episode. A category's first sight can only be guessed; every later one can be answered by looking back. Words
+An episode picks N categories (a colour and a shape) and N made-up words. Each turn asks '"dako" or "zupi"?' (all N
+words, in a fresh order) about one image of one category (varied in size and place); the answer is the word bound
+to that category in this episode. A category's first sight can only be guessed; every later one can be answered by looking back. Words
 change from episode to episode, and held-out episodes use only words that no training episode uses, so a model can
 answer them only by binding in context.
 """
@@ -17,26 +17,27 @@ from mmgpt.data.scenes import COLOURS, SHAPES, ImageWriter, draw_object
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
-WORLD_WORDS = {"red", "top", "two", "dot", "bed", "mat", "pat", "sat", "set"}  # real words a made-up word must not be
+SYLLABLES = ["".join(pair) for pair in itertools.product(CONSONANTS, VOWELS)]
+WORLD_WORDS = {"zero"}  # the one word of the shapes world with this form
 HELD_OUT_SHARE = 0.2
 
 
 def made_up_words() -> tuple[list[str], list[str]]:
-    """(training words, held-out words): every consonant-vowel-consonant word and its two-syllable extension, split
-    once with a fixed seed so that every data set agrees which words are held out."""
-    short = ["".join(letters) for letters in itertools.product(CONSONANTS, VOWELS, CONSONANTS)]
-    long = [word + vowel + consonant for word in short[::7] for vowel in VOWELS for consonant in CONSONANTS[::3]]
-    words = sorted(set(short + long) - WORLD_WORDS)
+    """(training words, held-out words): every two-syllable consonant-vowel word ("dako", "zupi"), split once with
+    a fixed seed so that every data set agrees which words are held out. Every syllable is in training words, so a
+    held-out word is a new pairing of known pieces: the model can copy it, but cannot have learnt it."""
+    words = sorted({first + second for first in SYLLABLES for second in SYLLABLES} - WORLD_WORDS)
     random.Random("made-up-words").shuffle(words)
     held_out = int(len(words) * HELD_OUT_SHARE)
     return sorted(words[held_out:]), sorted(words[:held_out])
 
 
 def options_question(words: list[str]) -> str:
-    """'Is this a "dax" or a "wug"?' / 'Is this a "dax", a "wug" or a "zib"?' The quotes make each word the same
-    tokens in the question as in the answer (no leading space), so naming it is copying it."""
-    named = [f'a "{word}"' for word in words]
-    return f"Is this {', '.join(named[:-1])} or {named[-1]}?"
+    """'"dax" or "wug"?' / '"dax", "wug" or "zib"?': short, since every turn asks it and tokens are most of a step's
+    cost. The quotes make each word the same tokens in the question as in the answer (no leading space), so naming
+    it is copying it."""
+    named = [f'"{word}"' for word in words]
+    return f"{', '.join(named[:-1])} or {named[-1]}?"
 
 
 def _categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
@@ -54,11 +55,13 @@ def _turn(writer: ImageWriter, rng: random.Random, category: tuple[str, str], wo
     ]
 
 
-def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], max_turns: int = 10) -> dict:
-    """One chat: 2- or 3-way, ways+1 to `max_turns` turns, categories in random order (every one shown at least once)."""
-    ways = rng.choice((2, 3))
+def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], ways: int = 2,
+                     turns: int = 9) -> dict:
+    """One chat of `turns` turns over `ways` categories in random order, every one shown at least once. Every
+    prefix is itself a few-shot query, so one long episode teaches all the context lengths that eval asks (9
+    turns: a 2-way 4-shot query) with the most answerable turns per token and no padding."""
     categories, words = _categories(rng, ways), rng.sample(vocabulary, ways)
-    order = list(range(ways)) + [rng.randrange(ways) for _ in range(rng.randint(1, max_turns - ways))]
+    order = list(range(ways)) + [rng.randrange(ways) for _ in range(turns - ways)]
     rng.shuffle(order)
     messages = [message for index in order for message in _turn(writer, rng, categories[index], words[index], words)]
     return {"messages": messages}

@@ -160,7 +160,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
             }
         )
     training_words, held_out_words = made_up_words()
-    train_records += [training_episode(writer, rng, training_words) for _ in range(episodes)]
+    train_records += [training_episode(writer, rng, training_words, ways) for _ in range(episodes)]
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
     if eval_episodes:
