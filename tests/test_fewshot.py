@@ -19,14 +19,20 @@ from mmgpt.images import load_image
 @pytest.fixture(scope="module")
 def icl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("icl")
-    write_shapes(folder, seed=3, train=30, eval=14, episodes=30, eval_episodes=4, ways=2, per_way=5)
+    write_shapes(folder, seed=3, train=30, eval=14, episodes=30, eval_episodes=4, ways=2, per_way=5, copies=20)
     return folder
 
 
 def training_episodes(folder):
     """The fast-binding chats of a train.jsonl: the ones whose questions offer quoted made-up words."""
     records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
-    return [r for r in records if "messages" in r and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
+    return [r for r in records if "messages" in r and isinstance(r["messages"][0]["content"], list)
+            and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
+
+
+def copy_questions(folder):
+    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    return [r for r in records if "messages" in r and isinstance(r["messages"][0]["content"], str)]
 
 
 def examples_of(item, query):
@@ -88,11 +94,13 @@ def test_too_many_shots_for_an_episode_is_an_error_naming_it(icl_dir):
 def test_held_out_words_never_appear_in_training(icl_dir):
     training_words, held_out_words = made_up_words()
     assert held_out_words and not set(training_words) & set(held_out_words)
-    assert not set(held_out_words) & {"red", "circle", "yes", "no", "left", "top"}
+    assert "zero" not in training_words + held_out_words  # the one shapes-world word of their form
     train_answers = {episode["messages"][-1]["content"] for episode in training_episodes(icl_dir)}
     held_out_answers = {item.answer for item in read_eval_items(icl_dir / "episodes-eval.jsonl")}
     assert train_answers <= set(training_words) and held_out_answers <= set(held_out_words)
     assert len(held_out_answers) == 4 * 2  # fresh words in every episode
+    train_text = (icl_dir / "train.jsonl").read_text()
+    assert not [word for word in held_out_words if f'\\"{word}\\"' in train_text or f'"{word}"' in train_text]
 
 
 def test_training_episodes_bind_each_word_to_one_category(icl_dir):
@@ -104,6 +112,21 @@ def test_training_episodes_bind_each_word_to_one_category(icl_dir):
         assert len(set(words)) == 2 and 2 < len(words) <= 9  # every episode has a repeat to answer
         for question in questions:
             assert sorted(question.rstrip("?").replace(" or ", ", ").split(", ")) == sorted(f'"{w}"' for w in set(words))
+
+
+def test_copy_questions_name_the_word_they_ask_for_from_training_words_only(icl_dir):
+    training_words, _ = made_up_words()
+    copies = copy_questions(icl_dir)
+    assert len(copies) == 20
+    picked = []
+    for record in copies:
+        question, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+        options, ordinal = question.split("? The ")
+        words = [word.strip('"') for word in options.split(" or ")]
+        assert set(words) <= set(training_words) and len(set(words)) == 2
+        assert answer == words[{"first.": 0, "second.": 1}[ordinal]]
+        picked.append(ordinal)
+    assert set(picked) == {"first.", "second."}
 
 
 def test_two_image_questions_have_the_right_answers():

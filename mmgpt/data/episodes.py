@@ -67,6 +67,18 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     return {"messages": messages}
 
 
+ORDINALS = ("first", "second", "third")
+
+
+def copy_question(rng: random.Random, vocabulary: list[str], ways: int = 2) -> dict:
+    """A text-only chat, '"dako" or "zupi"? The second.' -> 'zupi': picking an offered word and copying it, the
+    half of an episode's answer that needs no picture, taught cheaply (no image, a dozen tokens)."""
+    words = rng.sample(vocabulary, ways)
+    index = rng.randrange(ways)
+    question = f"{options_question(words)} The {ORDINALS[index]}."
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": words[index]}]}
+
+
 def held_out_episodes(writer: ImageWriter, rng: random.Random, vocabulary: list[str], episodes: int, ways: int,
                   per_way: int) -> list[dict]:
     """`per_way` one-question chats per category and episode, tagged with their episode: the few-shot evaluation
