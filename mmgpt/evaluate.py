@@ -1,4 +1,5 @@
-"""Held-out accuracy: greedy answers to the last assistant turn of each chat, with and without the images, after\nK solved examples (few-shot) or none."""
+"""Held-out accuracy: greedy answers to the last assistant turn of each chat, with and without the images, after
+K solved examples (few-shot) or none."""
 
 from __future__ import annotations
 

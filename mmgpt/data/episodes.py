@@ -3,9 +3,9 @@ one context only.
 
 An episode picks N categories (a colour and a shape) and N made-up words. Each turn asks '"dako" or "zupi"?' (all N
 words, in a fresh order) about one image of one category (varied in size and place); the answer is the word bound
-to that category in this episode. A category's first sight can only be guessed; every later one can be answered by looking back. Words
-change from episode to episode, and held-out episodes use only words that no training episode uses, so a model can
-answer them only by binding in context.
+to that category in this episode. A category's first sight can only be guessed; every later one can be answered by
+looking back. Words change from episode to episode, and held-out episodes use only words that no training episode
+uses, so a model can answer them only by binding in context.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def made_up_words() -> tuple[list[str], list[str]]:
 
 
 def options_question(words: list[str]) -> str:
-    """'"dax" or "wug"?' / '"dax", "wug" or "zib"?': short, since every turn asks it and tokens are most of a step's
+    """'"dako" or "zupi"?' / '"dako", "zupi" or "mite"?': short, since every turn asks it and tokens are most of a step's
     cost. The quotes make each word the same tokens in the question as in the answer (no leading space), so naming
     it is copying it."""
     named = [f'"{word}"' for word in words]
@@ -67,7 +67,7 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     return {"messages": messages}
 
 
-ORDINALS = ("first", "second", "third")
+ORDINALS = ("first", "second", "third", "fourth", "fifth")  # so at most 5-way
 
 
 def copy_question(rng: random.Random, vocabulary: list[str], ways: int = 2) -> dict:

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from mmgpt.data.episodes import copy_question, held_out_episodes, made_up_words, training_episode
+from mmgpt.data.episodes import ORDINALS, copy_question, held_out_episodes, made_up_words, training_episode
 from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -118,8 +118,11 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
                  eval_episodes: int = 0, ways: int = 2, per_way: int = 5, copies: int = 0) -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
     with training words and `copies` text-only questions that pick one of such words and copy it) and
-    `out/eval.jsonl` (one question each, balanced over the question kinds, two-image questions included); with `eval_episodes`, also `out/episodes-eval.jsonl`: `ways`-way episodes of held-out
-    words, `per_way` records per category, for few-shot evaluation."""
+    `out/eval.jsonl` (one question each, balanced over the question kinds, two-image questions included); with
+    `eval_episodes`, also `out/episodes-eval.jsonl`: `ways`-way episodes of held-out words, `per_way` records per
+    category, for few-shot evaluation."""
+    if not 2 <= ways <= len(ORDINALS):
+        raise ValueError(f"ways must be between 2 and {len(ORDINALS)}, got {ways}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
