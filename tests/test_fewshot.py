@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -23,16 +24,12 @@ def icl_dir(tmp_path_factory):
     return folder
 
 
-def training_episodes(folder):
-    """The fast-binding chats of a train.jsonl: the ones whose questions offer quoted made-up words."""
-    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
-    return [r for r in records if "messages" in r and isinstance(r["messages"][0]["content"], list)
-            and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
-
-
-def copy_questions(folder):
-    records = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
-    return [r for r in records if "messages" in r and isinstance(r["messages"][0]["content"], str)]
+def training_chats(folder):
+    """(fast-binding episodes, text-only copy questions) of a train.jsonl."""
+    chats = [r for r in map(json.loads, (folder / "train.jsonl").read_text().splitlines()) if "messages" in r]
+    episodes = [r for r in chats if isinstance(r["messages"][0]["content"], list)
+                and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
+    return episodes, [r for r in chats if isinstance(r["messages"][0]["content"], str)]
 
 
 def examples_of(item, query):
@@ -95,28 +92,32 @@ def test_held_out_words_never_appear_in_training(icl_dir):
     training_words, held_out_words = made_up_words()
     assert held_out_words and not set(training_words) & set(held_out_words)
     assert "zero" not in training_words + held_out_words  # the one shapes-world word of their form
-    train_answers = {episode["messages"][-1]["content"] for episode in training_episodes(icl_dir)}
+    episodes, copies = training_chats(icl_dir)
+    train_answers = {episode["messages"][-1]["content"] for episode in episodes}
     held_out_answers = {item.answer for item in read_eval_items(icl_dir / "episodes-eval.jsonl")}
     assert train_answers <= set(training_words) and held_out_answers <= set(held_out_words)
     assert len(held_out_answers) == 4 * 2  # fresh words in every episode
-    train_text = (icl_dir / "train.jsonl").read_text()
-    assert not [word for word in held_out_words if f'\\"{word}\\"' in train_text or f'"{word}"' in train_text]
+    texts = [part if isinstance(part, str) else part.get("text", "") for chat in episodes + copies
+             for message in chat["messages"] for part in ([message["content"]] if isinstance(message["content"], str)
+                                                           else message["content"])]
+    offered = {word for text in texts for word in re.findall(r'"(\w+)"', text)}
+    assert train_answers <= offered and not offered & set(held_out_words)
 
 
 def test_training_episodes_bind_each_word_to_one_category(icl_dir):
-    episodes = training_episodes(icl_dir)
+    episodes, _ = training_chats(icl_dir)
     assert len(episodes) == 30
     for episode in episodes:
         words = [m["content"] for m in episode["messages"] if m["role"] == "assistant"]
         questions = [m["content"][0]["text"] for m in episode["messages"] if m["role"] == "user"]
-        assert len(set(words)) == 2 and 2 < len(words) <= 9  # every episode has a repeat to answer
+        assert len(set(words)) == 2 and len(words) == 9  # every episode has repeats to answer
         for question in questions:
             assert sorted(question.rstrip("?").replace(" or ", ", ").split(", ")) == sorted(f'"{w}"' for w in set(words))
 
 
 def test_copy_questions_name_the_word_they_ask_for_from_training_words_only(icl_dir):
     training_words, _ = made_up_words()
-    copies = copy_questions(icl_dir)
+    _, copies = training_chats(icl_dir)
     assert len(copies) == 20
     picked = []
     for record in copies:

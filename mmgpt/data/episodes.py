@@ -33,8 +33,8 @@ def made_up_words() -> tuple[list[str], list[str]]:
 
 
 def options_question(words: list[str]) -> str:
-    """'"dako" or "zupi"?' / '"dako", "zupi" or "mite"?': short, since every turn asks it and tokens are most of a step's
-    cost. The quotes make each word the same tokens in the question as in the answer (no leading space), so naming
+    """'"dako" or "zupi"?' / '"dako", "zupi" or "mite"?': short, since every turn asks it and tokens are most of a
+    step's cost. The quotes make each word the same tokens in the question as in the answer (no leading space), so naming
     it is copying it."""
     named = [f'"{word}"' for word in words]
     return f"{', '.join(named[:-1])} or {named[-1]}?"
