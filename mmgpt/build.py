@@ -49,6 +49,7 @@ def build(config: ModelConfig, training_texts: Iterable[str]) -> tuple[MMGPTProc
         text_pretrained=text.pretrained,
         text_attn_implementation=text.attn_implementation,
         projector_shuffle_factor=config.projector_shuffle_factor,
+        projector_pool_size=config.projector_pool_size,
         image_token_id=special.image,
     )
     model = MMGPTForConditionalGeneration.from_parts(model_config)

@@ -39,6 +39,7 @@ class MMGPTConfig(PretrainedConfig):
     text_pretrained: str = ""
     text_attn_implementation: str = ""  # "" = transformers' default for the decoder; "eager" is fastest for tiny ones
     projector_shuffle_factor: int = 1
+    projector_pool_size: int = 0
     image_token_id: int = 0
     tie_word_embeddings: bool = False
 
@@ -69,7 +70,8 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, **self._attention_kwargs(config))
         self.projector = Projector(
-            self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor
+            self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor,
+            config.projector_pool_size,
         )
         self.post_init()
 

@@ -1,4 +1,4 @@
-"""Maps vision features into the decoder's embedding space, optionally trading tokens for width."""
+"""Maps vision features into the decoder's embedding space, optionally with fewer tokens: pooled or shuffled."""
 
 from __future__ import annotations
 
@@ -18,20 +18,35 @@ def pixel_shuffle(features: torch.Tensor, grid_size: tuple[int, int], factor: in
     return x.reshape(batch, h_out * w_out, width * factor * factor)
 
 
-class Projector(nn.Module):
-    """LLaVA-1.5 style two-layer MLP, after an optional pixel shuffle (Idefics3 / nanoVLM)."""
+def average_pool(features: torch.Tensor, grid_size: tuple[int, int], pooled: int) -> torch.Tensor:
+    """Average the patch grid down to `pooled x pooled` tokens of the same width: each token summarises a region
+    wherever in it the content sits, so the same thing in another place looks the same (1 = one global token)."""
+    batch, _, width = features.shape
+    grid = features.transpose(1, 2).reshape(batch, width, *grid_size)
+    return nn.functional.adaptive_avg_pool2d(grid, pooled).flatten(2).transpose(1, 2)
 
-    def __init__(self, vision_width: int, text_width: int, grid_size: tuple[int, int], shuffle_factor: int = 1):
+
+class Projector(nn.Module):
+    """LLaVA-1.5 style two-layer MLP, after an optional average pool of the patch grid or pixel shuffle (Idefics3 /
+    nanoVLM): the pool keeps the width and loses where things are, the shuffle keeps everything in wider tokens."""
+
+    def __init__(self, vision_width: int, text_width: int, grid_size: tuple[int, int], shuffle_factor: int = 1,
+                 pool_size: int = 0):
         super().__init__()
+        if pool_size and shuffle_factor > 1:
+            raise ValueError("choose either an average pool or a pixel shuffle for the projector, not both")
         self.grid_size = grid_size
         self.shuffle_factor = shuffle_factor
+        self.pool_size = pool_size
         in_width = vision_width * shuffle_factor**2
         self.mlp = nn.Sequential(nn.Linear(in_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
 
     def num_tokens(self, num_patches: int) -> int:
-        return num_patches // self.shuffle_factor**2
+        return self.pool_size**2 if self.pool_size else num_patches // self.shuffle_factor**2
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if self.shuffle_factor > 1:
+        if self.pool_size:
+            features = average_pool(features, self.grid_size, self.pool_size)
+        elif self.shuffle_factor > 1:
             features = pixel_shuffle(features, self.grid_size, self.shuffle_factor)
         return self.mlp(features)

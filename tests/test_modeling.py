@@ -152,3 +152,20 @@ def test_gpu_recipe_loads_its_parts_through_local_stand_ins(tmp_path):
     processor2, model2 = build(stage2.model, [])
     assert processor2.special == processor.special
     torch.testing.assert_close(model2.projector.mlp[0].weight, model.projector.mlp[0].weight)
+
+
+def test_average_pool_projector_gives_one_place_free_token_per_image():
+    """projector_pool_size 1: each image is one token, the mean of its patch features, so moving the content
+    moves nothing; the pool and the shuffle are exclusive."""
+    from mmgpt.projector import Projector
+
+    projector = Projector(vision_width=8, text_width=16, grid_size=(4, 4), pool_size=1)
+    assert projector.num_tokens(16) == 1
+    features = torch.randn(2, 16, 8)
+    rolled = features.roll(shifts=5, dims=1)  # the same patches in other places
+    torch.testing.assert_close(projector(features), projector(rolled))
+    assert projector(features).shape == (2, 1, 16)
+    two_by_two = Projector(vision_width=8, text_width=16, grid_size=(4, 4), pool_size=2)
+    assert two_by_two.num_tokens(16) == 4 and two_by_two(features).shape == (2, 4, 16)
+    with pytest.raises(ValueError, match="either an average pool or a pixel shuffle"):
+        Projector(vision_width=8, text_width=16, grid_size=(4, 4), shuffle_factor=2, pool_size=1)

@@ -32,6 +32,16 @@ def made_up_words() -> tuple[list[str], list[str]]:
     return sorted(words[held_out:]), sorted(words[:held_out])
 
 
+def pick_words(rng: random.Random, vocabulary: list[str], ways: int) -> list[str]:
+    """`ways` words that share no syllable, so each syllable of an answer has one continuation in the context and a
+    word cannot be spliced from two ("muku", "gege": "muge")."""
+    while True:
+        words = rng.sample(vocabulary, ways)
+        syllables = [word[i : i + 2] for word in words for i in (0, 2)]
+        if len(set(syllables)) == len(syllables):
+            return words
+
+
 def options_question(words: list[str]) -> str:
     """'"dako" or "zupi"?' / '"dako", "zupi" or "mite"?': short, since every turn asks it and tokens are most of a
     step's cost. The quotes make each word the same tokens in the question as in the answer (no leading space), so naming
@@ -41,7 +51,9 @@ def options_question(words: list[str]) -> str:
 
 
 def _categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
-    return rng.sample([(colour, shape) for colour in COLOURS for shape in SHAPES], ways)
+    """`ways` categories of different colours, each with its own shape (shapes repeat only past three)."""
+    shapes = rng.sample(SHAPES, len(SHAPES))
+    return [(colour, shapes[index % len(SHAPES)]) for index, colour in enumerate(rng.sample(list(COLOURS), ways))]
 
 
 def _turn(writer: ImageWriter, rng: random.Random, category: tuple[str, str], word: str, words: list[str]) -> list[dict]:
@@ -60,7 +72,7 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     """One chat of `turns` turns over `ways` categories in random order, every one shown at least once. Every
     prefix is itself a few-shot query, so one long episode teaches all the context lengths that eval asks (9
     turns: a 2-way 4-shot query) with the most answerable turns per token and no padding."""
-    categories, words = _categories(rng, ways), rng.sample(vocabulary, ways)
+    categories, words = _categories(rng, ways), pick_words(rng, vocabulary, ways)
     order = list(range(ways)) + [rng.randrange(ways) for _ in range(turns - ways)]
     rng.shuffle(order)
     messages = [message for index in order for message in _turn(writer, rng, categories[index], words[index], words)]
@@ -73,7 +85,7 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth")  # so at most 5-way
 def copy_question(rng: random.Random, vocabulary: list[str], ways: int = 2) -> dict:
     """A text-only chat, '"dako" or "zupi"? The second.' -> 'zupi': picking an offered word and copying it, the
     half of an episode's answer that needs no picture, taught cheaply (no image, a dozen tokens)."""
-    words = rng.sample(vocabulary, ways)
+    words = pick_words(rng, vocabulary, ways)
     index = rng.randrange(ways)
     question = f"{options_question(words)} The {ORDINALS[index]}."
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": words[index]}]}
@@ -85,7 +97,7 @@ def held_out_episodes(writer: ImageWriter, rng: random.Random, vocabulary: list[
     draws each query's solved examples from the other records of its episode."""
     records = []
     for episode in range(episodes):
-        categories, words = _categories(rng, ways), rng.sample(vocabulary, ways)
+        categories, words = _categories(rng, ways), pick_words(rng, vocabulary, ways)
         for category, word in zip(categories, words):
             for _ in range(per_way):
                 records.append({"messages": _turn(writer, rng, category, word, words), "kind": f"{ways}-way binding",
