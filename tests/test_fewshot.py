@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmgpt.data.collate import collate
-from mmgpt.data.episodes import made_up_words
+from mmgpt.data.episodes import made_up_words, pick_categories, pick_words
 from mmgpt.data.eval_records import normalise, read_eval_items
 from mmgpt.data.records import parse_record
 from mmgpt.data.scenes import COLOURS
@@ -113,6 +113,20 @@ def test_training_episodes_bind_each_word_to_one_category(icl_dir):
         assert len(set(words)) == 2 and len(words) == 9  # every episode has repeats to answer
         for question in questions:
             assert sorted(question.rstrip("?").replace(" or ", ", ").split(", ")) == sorted(f'"{w}"' for w in set(words))
+
+
+@pytest.mark.parametrize("ways", [2, 3, 5])
+def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
+    """Categories differ in colour (and in shape while shapes last); words share no syllable, so none can be
+    spliced from two others."""
+    rng = random.Random(ways)
+    training_words, _ = made_up_words()
+    for _ in range(200):
+        categories = pick_categories(rng, ways)
+        assert len({colour for colour, _ in categories}) == ways
+        assert len({shape for _, shape in categories}) == min(ways, 3)
+        syllables = [word[i : i + 2] for word in pick_words(rng, training_words, ways) for i in (0, 2)]
+        assert len(set(syllables)) == 2 * ways
 
 
 def test_copy_questions_name_the_word_they_ask_for_from_training_words_only(icl_dir):

@@ -1,9 +1,9 @@
 """Fast-binding episodes, after Frozen (Tsimpoukelli et al. 2021): made-up words bound to visual categories inside
 one context only.
 
-An episode picks N categories (a colour and a shape) and N made-up words. Each turn asks '"dako" or "zupi"?' (all N
-words, in a fresh order) about one image of one category (varied in size and place); the answer is the word bound
-to that category in this episode. A category's first sight can only be guessed; every later one can be answered by
+An episode picks N categories (a colour and a shape; no two share a colour) and N made-up words that share no
+syllable. Each turn asks '"dako" or "zupi"?' (all N words, in a fresh order) about one image of one category (varied
+in size and place); the answer is the word bound to that category in this episode. A category's first sight can only be guessed; every later one can be answered by
 looking back. Words change from episode to episode, and held-out episodes use only words that no training episode
 uses, so a model can answer them only by binding in context.
 """
@@ -50,7 +50,7 @@ def options_question(words: list[str]) -> str:
     return f"{', '.join(named[:-1])} or {named[-1]}?"
 
 
-def _categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
+def pick_categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
     """`ways` categories of different colours, each with its own shape (shapes repeat only past three)."""
     shapes = rng.sample(SHAPES, len(SHAPES))
     return [(colour, shapes[index % len(SHAPES)]) for index, colour in enumerate(rng.sample(list(COLOURS), ways))]
@@ -72,7 +72,7 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     """One chat of `turns` turns over `ways` categories in random order, every one shown at least once. Every
     prefix is itself a few-shot query, so one long episode teaches all the context lengths that eval asks (9
     turns: a 2-way 4-shot query) with the most answerable turns per token and no padding."""
-    categories, words = _categories(rng, ways), pick_words(rng, vocabulary, ways)
+    categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
     order = list(range(ways)) + [rng.randrange(ways) for _ in range(turns - ways)]
     rng.shuffle(order)
     messages = [message for index in order for message in _turn(writer, rng, categories[index], words[index], words)]
@@ -97,7 +97,7 @@ def held_out_episodes(writer: ImageWriter, rng: random.Random, vocabulary: list[
     draws each query's solved examples from the other records of its episode."""
     records = []
     for episode in range(episodes):
-        categories, words = _categories(rng, ways), pick_words(rng, vocabulary, ways)
+        categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
         for category, word in zip(categories, words):
             for _ in range(per_way):
                 records.append({"messages": _turn(writer, rng, category, word, words), "kind": f"{ways}-way binding",
