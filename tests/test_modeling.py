@@ -154,18 +154,23 @@ def test_gpu_recipe_loads_its_parts_through_local_stand_ins(tmp_path):
     torch.testing.assert_close(model2.projector.mlp[0].weight, model.projector.mlp[0].weight)
 
 
-def test_average_pool_projector_gives_one_place_free_token_per_image():
-    """projector_pool_size 1: each image is one token, the mean of its patch features, so moving the content
-    moves nothing; the pool and the shuffle are exclusive."""
-    from mmgpt.projector import Projector
+def test_average_pool_projector_from_config_to_saved_model(shapes_dir, tmp_path):
+    """model.projector_pool_size 1: one token per image, the mean of its patch features (so moving the content moves
+    nothing), kept through save and load; 2 averages each quadrant; pool and shuffle together are an error."""
+    from mmgpt.build import build
+    from mmgpt.projector import average_pool
+    from conftest import tiny_config
 
-    projector = Projector(vision_width=8, text_width=16, grid_size=(4, 4), pool_size=1)
-    assert projector.num_tokens(16) == 1
-    features = torch.randn(2, 16, 8)
+    config = tiny_config(shapes_dir, tmp_path, "model.projector_shuffle_factor=1", "model.projector_pool_size=1")
+    processor, model = build(config.model, ["a red circle"])
+    assert model.num_image_tokens == 1 and processor.num_image_tokens == 1
+    features = torch.randn(2, model.vision.num_patches, model.vision.width)
     rolled = features.roll(shifts=5, dims=1)  # the same patches in other places
-    torch.testing.assert_close(projector(features), projector(rolled))
-    assert projector(features).shape == (2, 1, 16)
-    two_by_two = Projector(vision_width=8, text_width=16, grid_size=(4, 4), pool_size=2)
-    assert two_by_two.num_tokens(16) == 4 and two_by_two(features).shape == (2, 4, 16)
+    torch.testing.assert_close(model.projector(features), model.projector(rolled))
+    model.save_pretrained(tmp_path / "saved")
+    assert MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").num_image_tokens == 1
+
+    grid = torch.arange(16.0).reshape(1, 16, 1)  # a 4x4 grid, patch i holds the value i
+    assert average_pool(grid, (4, 4), 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # e.g. mean of 0, 1, 4, 5
     with pytest.raises(ValueError, match="either an average pool or a pixel shuffle"):
-        Projector(vision_width=8, text_width=16, grid_size=(4, 4), shuffle_factor=2, pool_size=1)
+        build(tiny_config(shapes_dir, tmp_path, "model.projector_shuffle_factor=2", "model.projector_pool_size=1").model, [])

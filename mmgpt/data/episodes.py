@@ -3,8 +3,8 @@ one context only.
 
 An episode picks N categories (a colour and a shape; no two share a colour) and N made-up words that share no
 syllable. Each turn asks '"dako" or "zupi"?' (all N words, in a fresh order) about one image of one category (varied
-in size and place); the answer is the word bound to that category in this episode. A category's first sight can only be guessed; every later one can be answered by
-looking back. Words change from episode to episode, and held-out episodes use only words that no training episode
+in size and place); the answer is the word bound to that category in this episode. A category's first sight can
+only be guessed; every later one can be answered by looking back. Words change from episode to episode, and held-out episodes use only words that no training episode
 uses, so a model can answer them only by binding in context.
 """
 
