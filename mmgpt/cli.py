@@ -12,8 +12,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
     from mmgpt.data.shapes import write_shapes
 
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
-                         eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
-                         copies=args.copies)
+                         eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -132,9 +131,6 @@ def parser() -> argparse.ArgumentParser:
                         help="fast-binding episodes (made-up words bound in context) added to train.jsonl")
     shapes.add_argument("--eval-episodes", type=int, default=0,
                         help="held-out-word episodes written to episodes-eval.jsonl, for `mmgpt eval --shots`")
-    shapes.add_argument("--copies", type=int, default=0,
-                        help="text-only questions that pick one of the offered made-up words and copy it "
-                             "('\"dako\" or \"zupi\"? The second.'), added to train.jsonl")
     shapes.add_argument("--ways", type=int, default=2, help="categories per episode, training and held-out")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")

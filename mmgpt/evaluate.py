@@ -17,29 +17,50 @@ from mmgpt.fewshot import few_shot_items
 from mmgpt.inference import MMGPT, ContextTooLongError
 
 
-def _blind(messages: list[dict], blank: Image.Image) -> list[dict]:
+def _blank_images(content: list[dict], blank: Image.Image) -> list[dict]:
+    return [dict(item, image=blank) if item.get("type") == "image" else item for item in content]
+
+
+def _blind(item: EvalItem, blank: Image.Image) -> EvalItem:
+    if item.is_document:
+        return replace(item, prompt=_blank_images(item.prompt, blank))
     blinded = []
-    for message in messages:
+    for message in item.prompt:
         content = message["content"]
-        if isinstance(content, list):
-            content = [dict(item, image=blank) if item.get("type") == "image" else item for item in content]
-        blinded.append(dict(message, content=content))
-    return blinded
+        blinded.append(dict(message, content=_blank_images(content, blank) if isinstance(content, list) else content))
+    return replace(item, prompt=blinded)
+
+
+def _answer(model: MMGPT, chunk: list[EvalItem], max_new_tokens: int) -> list[str]:
+    """Chats: the assistant's reply. Documents: the rest of the line the prompt ends on."""
+    if chunk[0].is_document:
+        return [text.split("\n")[0] for text in model.complete([item.prompt for item in chunk], max_new_tokens)]
+    return model.generate([item.prompt for item in chunk], max_new_tokens=max_new_tokens)
 
 
 def predict(model: MMGPT, items: list[EvalItem], batch_size: int, max_new_tokens: int, desc: str) -> list[str]:
     predictions = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
         chunk = items[start : start + batch_size]
-        predictions += model.generate([item.messages for item in chunk], max_new_tokens=max_new_tokens)
+        documents = [item for item in chunk if item.is_document]
+        chats = [item for item in chunk if not item.is_document]
+        answers = iter(_answer(model, documents, max_new_tokens) if documents else [])
+        replies = iter(_answer(model, chats, max_new_tokens) if chats else [])
+        predictions += [next(answers) if item.is_document else next(replies) for item in chunk]
     return predictions
 
 
 def _check_fits(model: MMGPT, items: list[EvalItem], max_new_tokens: int, shots: int) -> None:
     """A few-shot context that does not fit is an error, never silently cut to fewer shots."""
     for item in items:
+        if item.is_document:
+            try:
+                model.encode_document(item.prompt, max_new_tokens, load_images=False)
+            except ContextTooLongError as error:
+                raise ContextTooLongError(f"{item.where} with {shots} shots: {error}") from None
+            continue
         try:
-            _, dropped = model.fit_to_context(item.messages, max_new_tokens)
+            _, dropped = model.fit_to_context(item.prompt, max_new_tokens)
         except ContextTooLongError as error:
             raise ContextTooLongError(f"{item.where} with {shots} shots: {error}") from None
         if dropped:
@@ -72,7 +93,7 @@ def evaluate(
     height, width = model.processor.transform.size
     blank = Image.new("RGB", (width, height), (255, 255, 255))
     seen = predict(model, items, batch_size, max_new_tokens, f"eval, {shots} shots")
-    blind = predict(model, [replace(item, messages=_blind(item.messages, blank)) for item in items],
+    blind = predict(model, [_blind(item, blank) for item in items],
                     batch_size, max_new_tokens, f"eval blind, {shots} shots")
     correct = [normalise(p) == normalise(i.answer) for p, i in zip(seen, items)]
     blind_correct = [normalise(p) == normalise(i.answer) for p, i in zip(blind, items)]

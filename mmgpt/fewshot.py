@@ -1,4 +1,4 @@
-"""Few-shot contexts: each query preceded by K solved examples, as one interleaved chat.
+"""Few-shot contexts: each query preceded by K solved examples, as one interleaved chat or document.
 
 The solved examples come from the query's own file or from a support file, drawn with a seed that depends only on
 the seed and the query, so a query sees the same examples whatever the batch size or order. An example never
@@ -9,7 +9,7 @@ their own episode, and there K counts examples per answer (N-way K-shot, as in F
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmgpt.data.eval_records import EvalItem, normalise
 
@@ -58,11 +58,19 @@ def draw_support(query: EvalItem, pool: SupportPool, shots: int, seed: int) -> l
 
 
 def with_shots(query: EvalItem, support: list[EvalItem]) -> EvalItem:
-    """The query with its solved examples as earlier turns; system messages stay first."""
-    system = [m for m in query.messages if m.get("role") == "system"]
-    rest = [m for m in query.messages if m.get("role") != "system"]
-    examples = [m for item in support for m in item.solved if m.get("role") != "system"]
-    return EvalItem(system + examples + rest, query.answer, query.kind, query.where, query.episode)
+    """The query with its solved examples before it: earlier turns of a chat (system messages stay first), or
+    earlier lines of a document."""
+    mixed = [item.where for item in support if item.is_document != query.is_document]
+    if mixed:
+        raise ValueError(f"{query.where}: a {'document' if query.is_document else 'chat'} query cannot take solved "
+                         f"examples of the other form ({', '.join(mixed[:3])})")
+    if query.is_document:
+        prompt = [part for item in support for part in item.solved] + query.prompt
+    else:
+        system = [m for m in query.prompt if m.get("role") == "system"]
+        rest = [m for m in query.prompt if m.get("role") != "system"]
+        prompt = system + [m for item in support for m in item.solved if m.get("role") != "system"] + rest
+    return replace(query, prompt=prompt)
 
 
 def few_shot_items(queries: list[EvalItem], support: list[EvalItem], shots: int, seed: int = 0) -> list[EvalItem]:

@@ -65,7 +65,9 @@ class MMGPT:
 
     def _tokenize_prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
         """Token ids, labels and image references of the prompt (no image loaded); `ContextTooLongError` if too long."""
-        sample = self._sample(messages)
+        return self._tokenize(self._sample(messages), max_new_tokens)
+
+    def _tokenize(self, sample: Sample, max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
         ids, labels, images = self.processor.tokenize(sample, add_generation_prompt=True)
         limit = self.context_length - max_new_tokens
         if len(ids) > limit:
@@ -103,6 +105,36 @@ class MMGPT:
                 dropped += later_users[0]
                 rest = rest[later_users[0] :]
 
+    def encode_document(self, content: list[dict], max_new_tokens: int, load_images: bool = True) -> Encoded:
+        """An interleaved document to continue (no end-of-document token); `ContextTooLongError` if it cannot fit.
+        Never cut: which part of a document may go is the caller's to say."""
+        if not isinstance(content, list) or not content:
+            raise ValueError("a document must be a non-empty list of {'type': 'text'|'image', ...} items")
+        sample, ids, labels, images = self._tokenize(parse_record({"content": content}, None, "document"), max_new_tokens)
+        return Encoded(ids, labels, self.processor.pixel_values(images, sample.source) if load_images else None)
+
+    def complete(
+        self,
+        documents: list[list[dict]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Continue several interleaved documents (text and images, as in training data) in one left-padded batch:
+        the text the model writes next, up to the end of the document or `max_new_tokens`."""
+        encoded = [self.encode_document(content, max_new_tokens) for content in documents]
+        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
+
+    def _generate_batch(self, encoded: list[Encoded], max_new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float) -> list[str]:
+        batch = collate(encoded, self.processor.special.pad, padding_side="left")
+        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(**kwargs)
+        prompt_length = batch["input_ids"].shape[1]
+        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
+
     def _encode_fitted(self, messages: list[dict], max_new_tokens: int) -> Encoded:
         return self.encode_prompt(self.fit_to_context(messages, max_new_tokens)[0], max_new_tokens)
 
@@ -128,12 +160,7 @@ class MMGPT:
     ) -> list[str]:
         """Answer several conversations in one left-padded batch (each cut to fit by `fit_to_context`)."""
         encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
-        batch = collate(encoded, self.processor.special.pad, padding_side="left")
-        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
-        with self._lock, torch.inference_mode():
-            output = self.model.generate(**kwargs)
-        prompt_length = batch["input_ids"].shape[1]
-        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
+        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
 
     def chat(
         self,

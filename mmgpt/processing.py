@@ -71,13 +71,16 @@ class MMGPTProcessor:
     def tokenize(self, sample: Sample, add_generation_prompt: bool = False) -> tuple[list[int], list[int], list]:
         """Token ids, labels and image references of one sample (images not loaded yet).
 
-        `add_generation_prompt` ends a chat with <|assistant|>, ready for the model to answer.
+        `add_generation_prompt` ends a chat with <|assistant|>, ready for the model to answer, and leaves a
+        document open (no <|endoftext|>), ready for the model to continue.
         """
         ids: list[int] = []
         labels: list[int] = []
         images: list = []
         if not sample.is_chat:
             turn_ids, turn_labels = self._encode_turn(sample.turns[0], True, images)
+            if add_generation_prompt:
+                return turn_ids, turn_labels, images
             return turn_ids + [self.special.eos], turn_labels + [self.special.eos], images
         for turn in sample.turns:
             supervised = turn.role == "assistant"

@@ -20,22 +20,29 @@ from mmgpt.images import load_image
 @pytest.fixture(scope="module")
 def icl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("icl")
-    write_shapes(folder, seed=3, train=30, eval=14, episodes=30, eval_episodes=4, ways=2, per_way=5, copies=20)
+    write_shapes(folder, seed=3, train=30, eval=14, episodes=30, eval_episodes=4, ways=2, per_way=5)
     return folder
 
 
-def training_chats(folder):
-    """(fast-binding episodes, text-only copy questions) of a train.jsonl."""
-    chats = [r for r in map(json.loads, (folder / "train.jsonl").read_text().splitlines()) if "messages" in r]
-    episodes = [r for r in chats if isinstance(r["messages"][0]["content"], list)
-                and r["messages"][0]["content"][0].get("text", "").endswith('"?')]
-    return episodes, [r for r in chats if isinstance(r["messages"][0]["content"], str)]
+def training_episodes(folder):
+    """The fast-binding episodes of a train.jsonl: documents of several pictures that open with one (the shapes
+    world's documents open with text, or are one picture and its caption)."""
+    records = map(json.loads, (folder / "train.jsonl").read_text().splitlines())
+    return [r for r in records if "content" in r and r["content"][0]["type"] == "image" and len(r["content"]) > 2]
+
+
+def pictures_and_words(content):
+    """[(picture, word)] of an episode document: each picture and the line that follows it."""
+    assert [part["type"] for part in content] == ["image", "text"] * (len(content) // 2)
+    return [(content[i]["image"], content[i + 1]["text"]) for i in range(0, len(content), 2)]
 
 
 def examples_of(item, query):
-    """The solved examples in a few-shot item: every user message before the query's own, with its answer."""
-    messages = item.messages[: len(item.messages) - len(query.messages)]
-    return [(messages[i], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
+    """The solved examples in a few-shot item, as (images, answer): chat turns or document lines before the query."""
+    before = item.prompt[: len(item.prompt) - len(query.prompt)]
+    if query.is_document:
+        return [([image], word.removesuffix("\n")) for image, word in pictures_and_words(before)]
+    return [(image_of(before[i]), before[i + 1]["content"]) for i in range(0, len(before), 2)]
 
 
 def image_of(message):
@@ -51,14 +58,16 @@ def test_episode_examples_come_from_the_query_episode_k_per_word_never_the_query
         episode_images.setdefault(query.episode, set()).update(query.images)
     for query, item in zip(queries, few_shot_items(queries, queries, shots, seed=0)):
         examples = examples_of(item, query)
-        answers = [normalise(answer) for _, answer in examples]
-        words = {normalise(q.answer) for q in queries if q.episode == query.episode}
+        answers = [answer for _, answer in examples]
+        words = {q.answer for q in queries if q.episode == query.episode}
         assert len(words) == 2 and sorted(answers) == sorted(list(words) * shots)
-        shown = [image for message, _ in examples for image in image_of(message)]
+        shown = [image for images, _ in examples for image in images]
         assert len(shown) == len(set(shown)) == 2 * shots
         assert not set(shown) & set(query.images)
         assert set(shown) <= episode_images[query.episode]
-        assert item.messages[-1] == query.messages[-1] and item.answer == query.answer
+        solved = {q.images[0]: q.answer for q in queries}
+        assert all(solved[images[0]] == answer for images, answer in examples)  # each picture with its own word
+        assert item.prompt[-1] == query.prompt[-1] and item.answer == query.answer
 
 
 def test_plain_records_get_exactly_k_examples_and_the_draw_is_seeded(icl_dir):
@@ -69,9 +78,9 @@ def test_plain_records_get_exactly_k_examples_and_the_draw_is_seeded(icl_dir):
     for query, item in zip(queries, first):
         examples = examples_of(item, query)
         assert len(examples) == 3
-        assert not {image for message, _ in examples for image in image_of(message)} & set(query.images)
-    assert [item.messages for item in first] == [item.messages for item in again]
-    assert [item.messages for item in first] != [item.messages for item in other]
+        assert not {image for images, _ in examples for image in images} & set(query.images)
+    assert [item.prompt for item in first] == [item.prompt for item in again]
+    assert [item.prompt for item in first] != [item.prompt for item in other]
 
 
 def test_support_file_is_used_instead_of_the_queries(icl_dir):
@@ -79,7 +88,7 @@ def test_support_file_is_used_instead_of_the_queries(icl_dir):
     support = read_eval_items(icl_dir / "eval.jsonl")[3:]
     support_images = {image for item in support for image in item.images}
     for query, item in zip(queries, few_shot_items(queries, support, 2)):
-        assert {image for message, _ in examples_of(item, query) for image in image_of(message)} <= support_images
+        assert {image for images, _ in examples_of(item, query) for image in images} <= support_images
 
 
 def test_too_many_shots_for_an_episode_is_an_error_naming_it(icl_dir):
@@ -92,27 +101,27 @@ def test_held_out_words_never_appear_in_training(icl_dir):
     training_words, held_out_words = made_up_words()
     assert held_out_words and not set(training_words) & set(held_out_words)
     assert "zero" not in training_words + held_out_words  # the one shapes-world word of their form
-    episodes, copies = training_chats(icl_dir)
-    train_answers = {episode["messages"][-1]["content"] for episode in episodes}
+    train_text = (icl_dir / "train.jsonl").read_text()
+    train_words = {word.strip() for episode in training_episodes(icl_dir) for _, word in pictures_and_words(episode["content"])}
     held_out_answers = {item.answer for item in read_eval_items(icl_dir / "episodes-eval.jsonl")}
-    assert train_answers <= set(training_words) and held_out_answers <= set(held_out_words)
+    assert train_words <= set(training_words) and held_out_answers <= set(held_out_words)
     assert len(held_out_answers) == 4 * 2  # fresh words in every episode
-    texts = [part if isinstance(part, str) else part.get("text", "") for chat in episodes + copies
-             for message in chat["messages"] for part in ([message["content"]] if isinstance(message["content"], str)
-                                                           else message["content"])]
-    offered = {word for text in texts for word in re.findall(r'"(\w+)"', text)}
-    assert train_answers <= offered and not offered & set(held_out_words)
+    assert not {word for word in held_out_answers if re.search(rf"\b{word}\b", train_text)}
 
 
-def test_training_episodes_bind_each_word_to_one_category(icl_dir):
-    episodes, _ = training_chats(icl_dir)
+def test_training_episodes_bind_each_word_to_one_category_right_after_its_picture(icl_dir):
+    episodes = training_episodes(icl_dir)
     assert len(episodes) == 30
     for episode in episodes:
-        words = [m["content"] for m in episode["messages"] if m["role"] == "assistant"]
-        questions = [m["content"][0]["text"] for m in episode["messages"] if m["role"] == "user"]
-        assert len(set(words)) == 2 and len(words) == 9  # every episode has repeats to answer
-        for question in questions:
-            assert sorted(question.rstrip("?").replace(" or ", ", ").split(", ")) == sorted(f'"{w}"' for w in set(words))
+        pairs = pictures_and_words(episode["content"])
+        assert len(pairs) == 9 and all(word.endswith("\n") and " " not in word for _, word in pairs)
+        category_of = {}
+        for image, word in pairs:
+            pixels = load_image(icl_dir / image).convert("RGB")
+            colours = {colour for count, colour in pixels.getcolors(64 * 64) if colour != (255, 255, 255) and count > 40}
+            assert len(colours) == 1  # one object, in its category's colour
+            assert category_of.setdefault(word, colours) == colours
+        assert len(category_of) == 2 and len({frozenset(c) for c in category_of.values()}) == 2
 
 
 @pytest.mark.parametrize("ways", [2, 3, 5])
@@ -127,21 +136,6 @@ def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
         assert len({shape for _, shape in categories}) == min(ways, 3)
         syllables = [word[i : i + 2] for word in pick_words(rng, training_words, ways) for i in (0, 2)]
         assert len(set(syllables)) == 2 * ways
-
-
-def test_copy_questions_name_the_word_they_ask_for_from_training_words_only(icl_dir):
-    training_words, _ = made_up_words()
-    _, copies = training_chats(icl_dir)
-    assert len(copies) == 20
-    picked = []
-    for record in copies:
-        question, answer = record["messages"][0]["content"], record["messages"][1]["content"]
-        options, ordinal = question.split("? The ")
-        words = [word.strip('"') for word in options.split(" or ")]
-        assert set(words) <= set(training_words) and len(set(words)) == 2
-        assert answer == words[{"first.": 0, "second.": 1}[ordinal]]
-        picked.append(ordinal)
-    assert set(picked) == {"first.", "second."}
 
 
 def test_two_image_questions_have_the_right_answers():
@@ -164,9 +158,10 @@ def test_each_image_of_a_few_shot_context_fills_its_own_slot(tiny, icl_dir):
     processor, model = tiny
     queries = read_eval_items(icl_dir / "episodes-eval.jsonl")
     item = few_shot_items(queries, queries, 2)[0]
-    sample = parse_record({"messages": item.messages})
+    sample = parse_record({"content": item.prompt})
     encoded = processor.encode(sample, add_generation_prompt=True)
     images = sample.images
+    assert encoded.input_ids[-1] == processor.special.image_end  # left open, ready for the query's word
     assert len(images) == 2 * 2 + 1 and encoded.num_images == len(images)
     ids = torch.tensor(encoded.input_ids)
     starts = (ids == processor.special.image_start).nonzero().flatten().tolist()

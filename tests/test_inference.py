@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_config
 from mmgpt import MMGPT
+from mmgpt.build import build
 from mmgpt.inference import ContextTooLongError
 
 
@@ -73,3 +75,47 @@ def test_one_model_shared_by_eight_threads_answers_each_correctly(api):
     for thread in threads:
         thread.join(timeout=120)
     assert results == expected
+
+
+def picture(colour):
+    return {"type": "image", "image": Image.new("RGB", (32, 32), colour)}
+
+
+def test_documents_are_continued_in_a_batch_as_one_by_one(api):
+    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle\n"}, picture((0, 0, 255))],
+                 [{"type": "text", "text": "A page of pictures. Picture 1:"}, picture((0, 255, 0))]]
+    alone = [api.complete([document], max_new_tokens=6)[0] for document in documents]
+    assert api.complete(documents, max_new_tokens=6) == alone
+    assert all(isinstance(text, str) for text in alone)
+
+
+def test_a_document_to_continue_is_left_open_and_never_cut(api):
+    document = [{"type": "text", "text": "two words"}, picture((0, 0, 0))]
+    encoded = api.encode_document(document, max_new_tokens=4)
+    assert encoded.input_ids[-1] == api.processor.special.image_end and encoded.num_images == 1
+    assert api.processor.special.eos not in encoded.input_ids
+    with pytest.raises(ContextTooLongError, match=r"prompt is \d+ tokens"):
+        api.complete([[{"type": "text", "text": "word " * 400}]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="non-empty list"):
+        api.complete([[]])
+
+
+def test_a_convolutional_decoder_continues_left_padded_batches_as_one_by_one(shapes_dir, tmp_path):
+    """The tiny-icl recipe's decoder layout (LFM2: short convolutions between attention layers): padding on the
+    left must not leak into the convolutions, so a batch answers as each document alone."""
+    torch.manual_seed(0)
+    config = tiny_config(shapes_dir, tmp_path, "model.text.config={model_type: lfm2, hidden_size: 32, "
+                         "intermediate_size: 64, block_auto_adjust_ff_dim: false, num_hidden_layers: 2, "
+                         "layer_types: [conv, full_attention], num_attention_heads: 2, num_key_value_heads: 2, "
+                         "max_position_embeddings: 256}")
+    processor, model = build(config.model, ["a red circle", "two blue squares"] * 20)
+    model.save_pretrained(tmp_path / "lfm2")
+    processor.save_pretrained(tmp_path / "lfm2")
+    api = MMGPT.from_pretrained(tmp_path / "lfm2", device="cpu")
+    assert type(api.model.language_model).__name__ == "Lfm2ForCausalLM"
+    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle\n"}, picture((0, 0, 255))],
+                 [picture((0, 255, 0))]]
+    alone = [api.complete([document], max_new_tokens=6)[0] for document in documents]
+    assert api.complete(documents, max_new_tokens=6) == alone
+    assert api.generate([[ask("hi")], [ask("what is this picture about?")]], max_new_tokens=5) == [
+        api.chat([ask("hi")], max_new_tokens=5), api.chat([ask("what is this picture about?")], max_new_tokens=5)]

@@ -1,4 +1,6 @@
-"""Eval records: chats whose last message is the reference answer, read with the same checks as training data."""
+"""Eval records, read with the same checks as training data: chats whose last message is the reference answer, or
+interleaved documents whose continuation is (`{"content": [...], "answer": "dako"}`: the answer is the line that
+follows the content)."""
 
 from __future__ import annotations
 
@@ -17,21 +19,30 @@ def normalise(answer: str) -> str:
 
 @dataclass
 class EvalItem:
-    messages: list[dict]  # the conversation up to (not including) the answer
+    prompt: list[dict]  # chat: the messages before the answer; document: the content items before it
     answer: str
     kind: str
     where: str
     episode: str | None = None  # fast-binding episode: few-shot examples come from the same one
+    is_document: bool = False
 
     @property
     def solved(self) -> list[dict]:
-        """The conversation with its reference answer: a few-shot example."""
-        return self.messages + [{"role": "assistant", "content": self.answer}]
+        """The prompt with its reference answer: a few-shot example (a document's answer ends its line)."""
+        if self.is_document:
+            return self.prompt + [{"type": "text", "text": self.answer + "\n"}]
+        return self.prompt + [{"role": "assistant", "content": self.answer}]
+
+    @property
+    def items(self) -> list[dict]:
+        """Every content item of the prompt, in order."""
+        if self.is_document:
+            return self.prompt
+        return [part for message in self.prompt if isinstance(message["content"], list) for part in message["content"]]
 
     @property
     def images(self) -> list:
-        return [part["image"] for message in self.messages if isinstance(message["content"], list)
-                for part in message["content"] if part.get("type") == "image"]
+        return [part["image"] for part in self.items if part.get("type") == "image"]
 
 
 def _text(content) -> str:
@@ -39,7 +50,8 @@ def _text(content) -> str:
 
 
 def read_eval_items(path: str | Path) -> list[EvalItem]:
-    """Chats whose last message is the assistant's reference answer; image paths made absolute."""
+    """Chats whose last message is the assistant's reference answer, and documents with an "answer"; image paths
+    made absolute."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"eval file not found: {path}")
@@ -53,6 +65,13 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
         except json.JSONDecodeError as error:
             raise RecordError(f"{where}: malformed JSON ({error.msg})") from None
         sample = parse_record(record, path.parent, where)  # the training checks: roles, content, image paths
+        if not sample.is_chat:
+            if not isinstance(record.get("answer"), str) or not record["answer"].strip():
+                raise RecordError(f"{where}: a document eval record needs an 'answer' string (the line that follows)")
+            content = [_absolute_item(item, path.parent) for item in record["content"]]
+            items.append(EvalItem(content, record["answer"], record.get("kind", "all"), where, record.get("episode"),
+                                  is_document=True))
+            continue
         if not sample.is_chat or sample.turns[-1].role != "assistant" or len(sample.turns) < 2:
             raise RecordError(f"{where}: an eval record must be a chat ending with the assistant's answer")
         messages = record["messages"]
@@ -62,8 +81,12 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
     return items
 
 
+def _absolute_item(item: dict, base: Path) -> dict:
+    return dict(item, image=str(base / item["image"])) if item.get("type") == "image" else item
+
+
 def _absolute(message: dict, base: Path) -> dict:
     content = message.get("content")
     if isinstance(content, list):
-        content = [dict(item, image=str(base / item["image"])) if item.get("type") == "image" else item for item in content]
+        content = [_absolute_item(item, base) for item in content]
     return dict(message, content=content)

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from mmgpt.data.episodes import ORDINALS, copy_question, held_out_episodes, made_up_words, training_episode
+from mmgpt.data.episodes import held_out_episodes, made_up_words, training_episode
 from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -115,14 +115,14 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 
 
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
-                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5, copies: int = 0) -> list[Path]:
+                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5) -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
-    with training words and `copies` text-only questions that pick one of such words and copy it) and
+    with training words) and
     `out/eval.jsonl` (one question each, balanced over the question kinds, two-image questions included); with
     `eval_episodes`, also `out/episodes-eval.jsonl`: `ways`-way episodes of held-out words, `per_way` records per
     category, for few-shot evaluation."""
-    if not 2 <= ways <= len(ORDINALS):
-        raise ValueError(f"ways must be between 2 and {len(ORDINALS)}, got {ways}")
+    if not 2 <= ways <= len(COLOURS):
+        raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {ways}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -164,7 +164,6 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
         )
     training_words, held_out_words = made_up_words()
     train_records += [training_episode(writer, rng, training_words, ways) for _ in range(episodes)]
-    train_records += [copy_question(rng, training_words, ways) for _ in range(copies)]
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
     if eval_episodes:
