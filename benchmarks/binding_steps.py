@@ -9,6 +9,7 @@ either, and each step here costs a fraction of a real one.
 
     python benchmarks/binding_steps.py --layout document --decoder lfm2    # the tiny-icl recipe
     python benchmarks/binding_steps.py --layout document --decoder llama   # the same without convolutions
+    python benchmarks/binding_steps.py --layout document --line-break      # a line break after each word
     python benchmarks/binding_steps.py --layout chat --decoder llama       # user: picture, assistant: word
     python benchmarks/binding_steps.py --layout chat --offer --decoder llama  # + the two words offered first
 """
@@ -31,10 +32,13 @@ PICTURE_WIDTH = COLOURS + SHAPES
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layout", choices=("document", "chat"), default="document",
-                        help="document: <picture> word\\n ...; chat: <|user|> <picture> <|end|> <|assistant|> word <|end|>")
+                        help="document: <picture> word <picture> ...; chat: <|user|> <picture> <|end|> <|assistant|> word <|end|>")
+    parser.add_argument("--line-break", action="store_true", help="document layout: a line break after each word")
     parser.add_argument("--offer", action="store_true", help="name the episode's two words once, before the pictures")
     parser.add_argument("--decoder", choices=("lfm2", "llama"), default="lfm2",
                         help="lfm2: short convolutions between attention layers; llama: attention layers only")
+    parser.add_argument("--lfm2-layers", default="conv,full_attention",
+                        help="the LFM2 layout's layer types, in order")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -86,7 +90,7 @@ class Episodes:
             if category in seen:
                 answerable.append((len(ids) - 1, word[0], [self._tokens(w)[0] for w in words]))
             seen.add(category)
-            answer = word + [END if chat else NEWLINE]
+            answer = word + ([END] if chat else [NEWLINE] if self.args.line_break else [])
             ids += answer
             labels += answer
         return ids, labels, torch.stack(pictures), answerable
@@ -107,13 +111,15 @@ class Episodes:
 
 
 def decoder_config(args: argparse.Namespace):
-    """Two attention layers; the LFM2 layout puts a short convolution (3 tokens) before each."""
+    """Llama layout: two attention layers; LFM2 layout: `--lfm2-layers` (a short convolution over 3 tokens before
+    the attention layer, by default)."""
     common = dict(vocab_size=FIRST_SYLLABLE + SYLLABLES, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                   num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=1024,
                   tie_word_embeddings=True)
     if args.decoder == "lfm2":
-        return AutoConfig.for_model("lfm2", num_hidden_layers=4, conv_L_cache=3, block_auto_adjust_ff_dim=False,
-                                    layer_types=["conv", "full_attention"] * 2, **common)
+        layer_types = args.lfm2_layers.split(",")
+        return AutoConfig.for_model("lfm2", num_hidden_layers=len(layer_types), conv_L_cache=3,
+                                    block_auto_adjust_ff_dim=False, layer_types=layer_types, **common)
     return AutoConfig.for_model("llama", num_hidden_layers=2, hidden_act="gelu", **common)
 
 

@@ -32,9 +32,9 @@ def _blind(item: EvalItem, blank: Image.Image) -> EvalItem:
 
 
 def _answer(model: MMGPT, chunk: list[EvalItem], max_new_tokens: int) -> list[str]:
-    """Chats: the assistant's reply. Documents: the rest of the line the prompt ends on."""
+    """Chats: the assistant's reply. Documents: the text that follows, up to the next image or the end."""
     if chunk[0].is_document:
-        return [text.split("\n")[0] for text in model.complete([item.prompt for item in chunk], max_new_tokens)]
+        return model.complete([item.prompt for item in chunk], max_new_tokens)
     return model.generate([item.prompt for item in chunk], max_new_tokens=max_new_tokens)
 
 

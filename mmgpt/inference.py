@@ -122,14 +122,18 @@ class MMGPT:
         top_p: float = 1.0,
     ) -> list[str]:
         """Continue several interleaved documents (text and images, as in training data) in one left-padded batch:
-        the text the model writes next, up to the end of the document or `max_new_tokens`."""
+        the text the model writes next, up to where it would place an image or end the document (or
+        `max_new_tokens`)."""
         encoded = [self.encode_document(content, max_new_tokens) for content in documents]
-        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
+        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p, document=True)
 
     def _generate_batch(self, encoded: list[Encoded], max_new_tokens: int, do_sample: bool, temperature: float,
-                        top_p: float) -> list[str]:
+                        top_p: float, document: bool = False) -> list[str]:
         batch = collate(encoded, self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
+        if document:  # a document's text runs until its next image: stop there instead of forbidding it
+            kwargs["eos_token_id"] = [*kwargs["eos_token_id"], self.processor.special.image_start]
+            kwargs["suppress_tokens"].remove(self.processor.special.image_start)
         with self._lock, torch.inference_mode():
             output = self.model.generate(**kwargs)
         prompt_length = batch["input_ids"].shape[1]

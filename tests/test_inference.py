@@ -82,7 +82,7 @@ def picture(colour):
 
 
 def test_documents_are_continued_in_a_batch_as_one_by_one(api):
-    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle\n"}, picture((0, 0, 255))],
+    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle"}, picture((0, 0, 255))],
                  [{"type": "text", "text": "A page of pictures. Picture 1:"}, picture((0, 255, 0))]]
     alone = [api.complete([document], max_new_tokens=6)[0] for document in documents]
     assert api.complete(documents, max_new_tokens=6) == alone
@@ -113,7 +113,7 @@ def test_a_convolutional_decoder_continues_left_padded_batches_as_one_by_one(sha
     processor.save_pretrained(tmp_path / "lfm2")
     api = MMGPT.from_pretrained(tmp_path / "lfm2", device="cpu")
     assert type(api.model.language_model).__name__ == "Lfm2ForCausalLM"
-    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle\n"}, picture((0, 0, 255))],
+    documents = [[picture((255, 0, 0)), {"type": "text", "text": "a red circle"}, picture((0, 0, 255))],
                  [picture((0, 255, 0))]]
     alone = [api.complete([document], max_new_tokens=6)[0] for document in documents]
     assert api.complete(documents, max_new_tokens=6) == alone

@@ -3,11 +3,12 @@ one context only.
 
 An episode picks N categories (a colour and a shape; no two share a colour) and N made-up words that share no
 syllable, and is one interleaved document: pictures of the categories (varied in size and place), each followed
-by its word ("[picture] dako\n [picture] zupi\n [picture] dako\n ..."). A category's first word can only be
+by its word and nothing else ("[picture]dako[picture]zupi[picture]dako..."). A category's first word can only be
 guessed; every later one can be named by looking back for the earlier picture like it. Words change from episode to
 episode, and held-out episodes use only words that no training episode uses, so a model can name them only by
-binding in context. The word follows its picture at once: every token between them is one more step that a small
-decoder trained from scratch must learn to look across (README, "Few-shot").
+binding in context. The word follows its picture at once and the next picture follows the word: every token more
+in a turn (a line break after the word, a chat's role markers) put off binding by thousands of steps in a small
+decoder trained from scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _shown(writer: ImageWriter, rng: random.Random, category: tuple[str, str]) -
 def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], ways: int = 2,
                      turns: int = 9) -> dict:
     """One interleaved document of `turns` pictures over `ways` categories in random order, every one shown at
-    least once, each picture followed by its word on a line of its own. Every picture after a category's first is
+    least once, each picture followed by its word. Every picture after a category's first is
     itself a few-shot query, so one document teaches all the context lengths that eval asks (9 turns: a 2-way
     4-shot query) with the most answerable words per token and no padding."""
     categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
@@ -65,7 +66,7 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     rng.shuffle(order)
     content = []
     for index in order:
-        content += [_shown(writer, rng, categories[index]), {"type": "text", "text": words[index] + "\n"}]
+        content += [_shown(writer, rng, categories[index]), {"type": "text", "text": words[index]}]
     return {"content": content}
 
 

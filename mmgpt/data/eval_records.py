@@ -1,6 +1,6 @@
 """Eval records, read with the same checks as training data: chats whose last message is the reference answer, or
-interleaved documents whose continuation is (`{"content": [...], "answer": "dako"}`: the answer is the line that
-follows the content)."""
+interleaved documents whose continuation is (`{"content": [...], "answer": "dako"}`: the answer is the text that
+follows the content, up to the next image or the end of the document)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ class EvalItem:
 
     @property
     def solved(self) -> list[dict]:
-        """The prompt with its reference answer: a few-shot example (a document's answer ends its line)."""
+        """The prompt with its reference answer: a few-shot example."""
         if self.is_document:
-            return self.prompt + [{"type": "text", "text": self.answer + "\n"}]
+            return self.prompt + [{"type": "text", "text": self.answer}]
         return self.prompt + [{"role": "assistant", "content": self.answer}]
 
     @property
@@ -67,7 +67,7 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
         sample = parse_record(record, path.parent, where)  # the training checks: roles, content, image paths
         if not sample.is_chat:
             if not isinstance(record.get("answer"), str) or not record["answer"].strip():
-                raise RecordError(f"{where}: a document eval record needs an 'answer' string (the line that follows)")
+                raise RecordError(f"{where}: a document eval record needs an 'answer' string (the text that follows its content)")
             content = [_absolute_item(item, path.parent) for item in record["content"]]
             items.append(EvalItem(content, record["answer"], record.get("kind", "all"), where, record.get("episode"),
                                   is_document=True))

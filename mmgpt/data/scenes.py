@@ -67,10 +67,11 @@ def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
 
 
 def draw_object(colour: str, shape: str, rng: random.Random) -> Image.Image:
-    """One object near the centre, 24-40 px wide: an instance of a category, varied in size and place."""
+    """One object near the centre, 36-52 px wide: an instance of a category, varied in size and place. Large, so
+    that its colour and shape are most of the picture, not a detail in a white field."""
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
-    size = rng.randint(24, 40)
-    left, top = ((IMAGE_SIZE - size) // 2 + rng.randint(-8, 8) for _ in range(2))
+    size = rng.randint(36, 52)
+    left, top = ((IMAGE_SIZE - size) // 2 + rng.randint(-5, 5) for _ in range(2))
     _draw_shape(ImageDraw.Draw(image), shape, left, top, size, COLOURS[colour])
     return image
 
