@@ -39,6 +39,8 @@ def arguments() -> argparse.Namespace:
                         help="lfm2: short convolutions between attention layers; llama: attention layers only")
     parser.add_argument("--lfm2-layers", default="conv,full_attention",
                         help="the LFM2 layout's layer types, in order")
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast")
+    parser.add_argument("--picture-scale", type=float, default=1.0, help="multiply every picture by this")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -85,7 +87,7 @@ class Episodes:
             labels += [-100] * len(prompt)
             picture = torch.zeros(PICTURE_WIDTH)
             picture[colours[category]] = picture[COLOURS + shapes[category]] = 1
-            pictures.append(picture + 0.3 * torch.randn(PICTURE_WIDTH))
+            pictures.append((picture + 0.3 * torch.randn(PICTURE_WIDTH)) * self.args.picture_scale)
             word = self._tokens(words[category])
             if category in seen:
                 answerable.append((len(ids) - 1, word[0], [self._tokens(w)[0] for w in words]))
@@ -133,7 +135,7 @@ class Binder(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, pictures: torch.Tensor, labels: torch.Tensor | None = None):
         embeds = self.decoder.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == IMAGE).unsqueeze(-1), self.projector(pictures))
+        embeds = embeds.masked_scatter((ids == IMAGE).unsqueeze(-1), self.projector(pictures).to(embeds.dtype))
         return self.decoder(inputs_embeds=embeds, labels=labels)
 
 
@@ -163,7 +165,8 @@ def main() -> None:
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         ids, labels, pictures, _ = episodes.batch(episodes.training, args.batch_size, args.turns)
-        loss = model(ids, pictures, labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(ids, pictures, labels).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
