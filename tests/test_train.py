@@ -42,14 +42,14 @@ def test_resume_after_ctrl_c_continues_with_the_same_losses(shapes_dir, tmp_path
 def test_model_overfits_a_handful_of_samples(shapes_dir, tmp_path):
     items = read_eval_items(shapes_dir / "eval.jsonl")[:4]
     handful = shapes_dir / "handful.jsonl"  # beside the images: paths may not leave the data folder
-    records = [{"messages": item.messages + [{"role": "assistant", "content": item.answer}]} for item in items]
+    records = [{"messages": item.solved} for item in items]
     handful.write_text("".join(json.dumps(r) + "\n" for r in records))
     config = tiny_config(shapes_dir, tmp_path / "run", f"data.train={handful}", "data.eval=", "train.max_steps=150",
                          "train.lr=5e-3", "train.min_lr_ratio=1.0", "train.warmup_steps=5", "train.save_every=1000")
     result = train(config)
     assert losses(tmp_path / "run")[-1] < 0.05
     model = MMGPT.from_pretrained(result.final_dir, device="cpu")
-    answers = model.generate([item.messages for item in items], max_new_tokens=8)
+    answers = model.generate([item.prompt for item in items], max_new_tokens=8)
     assert [normalise(a) for a in answers] == [normalise(item.answer) for item in items]
 
 
