@@ -59,7 +59,7 @@ def draw_support(query: EvalItem, pool: SupportPool, shots: int, seed: int) -> l
 
 def with_shots(query: EvalItem, support: list[EvalItem]) -> EvalItem:
     """The query with its solved examples before it: earlier turns of a chat (system messages stay first), or
-    earlier lines of a document."""
+    earlier pictures and words of a document."""
     mixed = [item.where for item in support if item.is_document != query.is_document]
     if mixed:
         raise ValueError(f"{query.where}: a {'document' if query.is_document else 'chat'} query cannot take solved "

@@ -1,5 +1,6 @@
 """Few-shot contexts and fast-binding episodes: what a query sees, and where each image lands."""
 
+import dataclasses
 import json
 import random
 import re
@@ -10,7 +11,7 @@ import torch
 from mmgpt.data.collate import collate
 from mmgpt.data.episodes import made_up_words, pick_categories, pick_words
 from mmgpt.data.eval_records import normalise, read_eval_items
-from mmgpt.data.records import parse_record
+from mmgpt.data.records import RecordError, parse_record
 from mmgpt.data.scenes import COLOURS
 from mmgpt.data.shapes import pair_question, write_shapes
 from mmgpt.fewshot import few_shot_items
@@ -175,3 +176,17 @@ def test_each_image_of_a_few_shot_context_fills_its_own_slot(tiny, icl_dir):
             pixels = processor.transform(load_image(images[slot])).unsqueeze(0)  # the slot-th image of the context
             alone = model.get_image_features(pixels)[0]
             torch.testing.assert_close(embedded[0, span], alone.to(embedded.dtype))
+
+
+def test_a_document_eval_record_without_an_answer_is_an_error_naming_its_line(icl_dir):
+    bad = icl_dir / "no-answer.jsonl"
+    bad.write_text(json.dumps({"content": [{"type": "image", "image": "images/episode000000.png"}]}) + "\n")
+    with pytest.raises(RecordError, match="no-answer.jsonl line 1: a document eval record needs an 'answer'"):
+        read_eval_items(bad)
+
+
+def test_a_document_query_never_takes_chat_examples(icl_dir):
+    documents = [dataclasses.replace(read_eval_items(icl_dir / "episodes-eval.jsonl")[0], episode=None)]
+    chats = read_eval_items(icl_dir / "eval.jsonl")
+    with pytest.raises(ValueError, match="a document query cannot take solved examples of the other form"):
+        few_shot_items(documents, chats, 1)

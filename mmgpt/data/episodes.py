@@ -58,9 +58,9 @@ def _shown(writer: ImageWriter, rng: random.Random, category: tuple[str, str]) -
 def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], ways: int = 2,
                      turns: int = 9) -> dict:
     """One interleaved document of `turns` pictures over `ways` categories in random order, every one shown at
-    least once, each picture followed by its word. Every picture after a category's first is
-    itself a few-shot query, so one document teaches all the context lengths that eval asks (9 turns: a 2-way
-    4-shot query) with the most answerable words per token and no padding."""
+    least once, each picture followed by its word. Every picture after a category's first is itself a few-shot
+    query, so one document teaches all the context lengths that eval asks (9 pictures: a 2-way 4-shot query) with
+    the most answerable words per token and no padding."""
     categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
     order = list(range(ways)) + [rng.randrange(ways) for _ in range(turns - ways)]
     rng.shuffle(order)

@@ -72,7 +72,7 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
             items.append(EvalItem(content, record["answer"], record.get("kind", "all"), where, record.get("episode"),
                                   is_document=True))
             continue
-        if not sample.is_chat or sample.turns[-1].role != "assistant" or len(sample.turns) < 2:
+        if sample.turns[-1].role != "assistant" or len(sample.turns) < 2:
             raise RecordError(f"{where}: an eval record must be a chat ending with the assistant's answer")
         messages = record["messages"]
         prompt = [_absolute(message, path.parent) for message in messages[:-1]]
