@@ -31,36 +31,29 @@ def _blind(item: EvalItem, blank: Image.Image) -> EvalItem:
     return replace(item, prompt=blinded)
 
 
-def _answer(model: MMGPT, chunk: list[EvalItem], max_new_tokens: int) -> list[str]:
-    """Chats: the assistant's reply. Documents: the text that follows, up to the next image or the end."""
-    if chunk[0].is_document:
-        return model.complete([item.prompt for item in chunk], max_new_tokens)
-    return model.generate([item.prompt for item in chunk], max_new_tokens=max_new_tokens)
-
-
 def predict(model: MMGPT, items: list[EvalItem], batch_size: int, max_new_tokens: int, desc: str) -> list[str]:
-    predictions = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
-        chunk = items[start : start + batch_size]
-        documents = [item for item in chunk if item.is_document]
-        chats = [item for item in chunk if not item.is_document]
-        answers = iter(_answer(model, documents, max_new_tokens) if documents else [])
-        replies = iter(_answer(model, chats, max_new_tokens) if chats else [])
-        predictions += [next(answers) if item.is_document else next(replies) for item in chunk]
+    """Chats: the assistant's reply. Documents: the text that follows, up to the next image or the end. A file may
+    hold both; each batch is one kind, so the answers come back in the file's order."""
+    predictions = [""] * len(items)
+    for is_document in (False, True):
+        indices = [i for i, item in enumerate(items) if item.is_document == is_document]
+        answer = model.complete if is_document else model.generate
+        for start in tqdm(range(0, len(indices), batch_size), desc=desc, unit="batch", disable=not indices):
+            chunk = indices[start : start + batch_size]
+            for index, text in zip(chunk, answer([items[i].prompt for i in chunk], max_new_tokens)):
+                predictions[index] = text
     return predictions
 
 
 def _check_fits(model: MMGPT, items: list[EvalItem], max_new_tokens: int, shots: int) -> None:
     """A few-shot context that does not fit is an error, never silently cut to fewer shots."""
     for item in items:
-        if item.is_document:
-            try:
-                model.encode_document(item.prompt, max_new_tokens, load_images=False)
-            except ContextTooLongError as error:
-                raise ContextTooLongError(f"{item.where} with {shots} shots: {error}") from None
-            continue
         try:
-            _, dropped = model.fit_to_context(item.prompt, max_new_tokens)
+            if item.is_document:  # a document is never cut, so fitting is encoding it
+                model.encode_document(item.prompt, max_new_tokens, load_images=False)
+                dropped = 0
+            else:
+                _, dropped = model.fit_to_context(item.prompt, max_new_tokens)
         except ContextTooLongError as error:
             raise ContextTooLongError(f"{item.where} with {shots} shots: {error}") from None
         if dropped:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_LFM2, TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +72,7 @@ def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
                  "--eval-episodes", "2", "--per-way", "3", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     assert "episodes-eval.jsonl (12 records)" in made.stdout
-    tiny_lfm2 = ("model.text.config={model_type: lfm2, hidden_size: 32, intermediate_size: 64, "
-                 "block_auto_adjust_ff_dim: false, num_hidden_layers: 2, layer_types: [conv, full_attention], "
-                 "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}")  # the recipe's layout
-    trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, tiny_lfm2, "--set",
+    trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, TINY_LFM2, "--set",
                     "output_dir=run", "data.train=icl/train.jsonl", "data.eval=", "train.max_steps=3", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
 

@@ -7,8 +7,8 @@ by its word and nothing else ("[picture]dako[picture]zupi[picture]dako..."). A c
 guessed; every later one can be named by looking back for the earlier picture like it. Words change from episode to
 episode, and held-out episodes use only words that no training episode uses, so a model can name them only by
 binding in context. The word follows its picture at once and the next picture follows the word: every token more
-in a turn (a line break after the word, a chat's role markers) put off binding by thousands of steps in a small
-decoder trained from scratch (`benchmarks/binding_steps.py`, README "Few-shot").
+in a turn (a line break after the word, a chat's role markers) put binding off by hundreds to thousands of steps in
+a small decoder trained from scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 """
 
 from __future__ import annotations

@@ -34,15 +34,10 @@ class EvalItem:
         return self.prompt + [{"role": "assistant", "content": self.answer}]
 
     @property
-    def items(self) -> list[dict]:
-        """Every content item of the prompt, in order."""
-        if self.is_document:
-            return self.prompt
-        return [part for message in self.prompt if isinstance(message["content"], list) for part in message["content"]]
-
-    @property
     def images(self) -> list:
-        return [part["image"] for part in self.items if part.get("type") == "image"]
+        parts = self.prompt if self.is_document else [
+            part for message in self.prompt if isinstance(message["content"], list) for part in message["content"]]
+        return [part["image"] for part in parts if part.get("type") == "image"]
 
 
 def _text(content) -> str:
