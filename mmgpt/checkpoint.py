@@ -38,6 +38,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def temporary_folder(final: Path) -> Path:
+    """Where `final` is written before it is renamed; the same path in every process of a run."""
+    return final.parent / f".tmp-{final.name}"
+
+
+def commit(tmp: Path, final: Path) -> Path:
+    """Rename the complete folder `tmp` to `final`, replacing an older `final` only once the new one is whole."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a fresh temporary folder beside `final`, then rename it to `final`.
 
@@ -45,21 +62,14 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     existed, is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = temporary_folder(final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        return commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def check_pickles(folder: Path) -> None:

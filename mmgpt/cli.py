@@ -1,4 +1,4 @@
-"""`mmgpt` command line: data, train, eval, chat, demo."""
+"""`mmgpt` command line: data, train, estimate, eval, chat, demo."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def _train(args: argparse.Namespace) -> int:
     overrides = [pair for group in args.set for pair in group]
     result = train(load_config(args.config, overrides))
     return 0 if result.final_dir is not None else 130
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from mmgpt.config import load_config
+    from mmgpt.estimate import estimate, format_estimate
+
+    config = load_config(args.config, [pair for group in args.set for pair in group])
+    data = args.data if args.data is not None else (config.data.train if Path(config.data.train).is_file() else "")
+    figures = estimate(config, args.gpus, args.gpu, args.mfu, data)
+    print(json.dumps(figures) if args.json else format_estimate(figures))
+    return 0
 
 
 def _shot_counts(text: str) -> list[int]:
@@ -141,6 +152,17 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                        help="override config values, e.g. --set train.lr=1e-3 train.max_steps=100")
     train.set_defaults(run=_train)
+
+    estimate = commands.add_parser("estimate", help="parameters, FLOPs, memory per GPU and time of a training config")
+    estimate.add_argument("config", help="YAML config, e.g. configs/siglip-gpt2-stage2.yaml")
+    estimate.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE")
+    estimate.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the global batch is split over")
+    estimate.add_argument("--gpu", default="h100", help="h200, h100, a100, a100-40gb, l40s, l4, a10, v100")
+    estimate.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for the time")
+    estimate.add_argument("--data", help="JSONL whose first 1,000 records give tokens and images per sample "
+                                         "(default: data.train when it exists, else 64 text tokens and 1 image)")
+    estimate.add_argument("--json", action="store_true", help="print the figures as JSON")
+    estimate.set_defaults(run=_estimate)
 
     evaluate = commands.add_parser("eval", help="accuracy on held-out chats, zero- or few-shot, with a blind (blank "
                                                "image) baseline")

@@ -52,9 +52,20 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) in place of full fine-tuning of the named towers; the projector trains fully."""
+
+    r: int = 0  # adapter rank; 0 = no adapters (full fine-tuning of every module not frozen)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    targets: list = field(default_factory=list)  # layer names (e.g. [c_attn, c_proj] or [q_proj, v_proj]); [] = every linear layer
+    modules: list = field(default_factory=lambda: ["language_model"])  # towers that get adapters: language_model, vision
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # the global batch of one optimizer step: processes x grad_accum_steps x micro-batch
     grad_accum_steps: int = 1
     lr: float = 5e-4
     lr_multipliers: dict = field(default_factory=dict)  # per module: {"vision": 2.0, "language_model": 1.0}
@@ -69,8 +80,10 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row
-    num_workers: int = 0
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30 % more compute
+    peak_tflops: float = 0.0  # the device's peak for the logged MFU; 0 = known GPUs' datasheet figure, none on CPU
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -61,7 +61,6 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["Block", "GPT2Block", "LlamaDecoderLayer"]
 
     def __init__(self, config: MMGPTConfig):
         super().__init__(config)
@@ -73,6 +72,8 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor,
             config.projector_pool_size,
         )
+        # The blocks FSDP wraps (and device maps keep whole): found from the towers, for any decoder and ViT.
+        self._no_split_modules = [*(self.language_model._no_split_modules or []), type(self.vision.vit.blocks[0]).__name__]
         self.post_init()
 
     @property
@@ -107,6 +108,11 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if isinstance(module, torch.nn.Linear) and any(module is m for m in self.projector.modules()):
             torch.nn.init.normal_(module.weight, std=0.02)
             torch.nn.init.zeros_(module.bias)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in backward, block by block, in the decoder (transformers) and the ViT (timm)."""
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs or {"use_reentrant": False})
+        self.vision.vit.set_grad_checkpointing(True)
 
     @property
     def num_image_tokens(self) -> int:

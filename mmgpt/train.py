@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -18,8 +19,7 @@ from typing import Callable
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
@@ -28,9 +28,11 @@ from mmgpt.config import Config
 from mmgpt.data.collate import collate
 from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.records import read_jsonl
-from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
+from mmgpt.estimate import ModelCosts, peak_flops_of
+from mmgpt.lora import add_lora, is_adapter, merge_lora
+from mmgpt.modeling import MMGPTForConditionalGeneration
 from mmgpt.plot import plot_metrics
-from mmgpt.processing import MMGPTProcessor
+from mmgpt.processing import IGNORE_INDEX
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -54,13 +56,32 @@ def mixed_precision_for(setting: str) -> str:
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 
 
-def batch_indices(lengths: tuple[int, ...], batch_size: int, seed: int, micro_step: int) -> list[int]:
-    """The sample indices of global micro-batch `micro_step`, a pure function of its arguments (so resume is exact)."""
+def batch_indices(lengths: tuple[int, ...], batch_size: int, seed: int, step: int) -> list[int]:
+    """The sample indices of global batch `step`, a pure function of its arguments (so resume is exact, and the
+    same whatever the number of processes)."""
     per_epoch = len(lengths) // batch_size
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the data set ({len(lengths)} samples)")
-    epoch, position = divmod(micro_step, per_epoch)
+    epoch, position = divmod(step, per_epoch)
     return _epoch_batches(lengths, batch_size, seed, epoch)[position]
+
+
+def micro_batch_size(batch_size: int, num_processes: int, accum: int) -> int:
+    """`train.batch_size` is the global batch of one optimizer step: split over processes and accumulation steps."""
+    if batch_size <= 0 or batch_size % (num_processes * accum):
+        raise ValueError(
+            f"train.batch_size {batch_size} does not split evenly over {num_processes} process(es) x "
+            f"{accum} accumulation step(s) (train.grad_accum_steps); make it a multiple of {num_processes * accum}"
+        )
+    return batch_size // (num_processes * accum)
+
+
+def split_for_process(batch: list[int], num_processes: int, accum: int, rank: int) -> list[list[int]]:
+    """Process `rank`'s micro-batches of one global batch: the batch is cut into num_processes x accum equal runs
+    (neighbours in a length-grouped batch, so each pads little), micro-batch m of rank r being run m * N + r."""
+    size = len(batch) // (num_processes * accum)
+    runs = [batch[start : start + size] for start in range(0, len(batch), size)]
+    return [runs[micro * num_processes + rank] for micro in range(accum)]
 
 
 @functools.lru_cache(maxsize=2)
@@ -87,15 +108,18 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[i
 
 
 def parameter_groups(model: MMGPTForConditionalGeneration, config: Config) -> list[dict]:
-    """Freeze the named modules; give each trainable module its learning rate, no weight decay on 1-D weights."""
+    """Freeze the named modules; in towers with LoRA adapters train the adapters only; give each trainable module
+    its learning rate, no weight decay on 1-D weights."""
     modules = {"vision": model.vision, "projector": model.projector, "language_model": model.language_model}
     unknown = (set(config.train.freeze) | set(config.train.lr_multipliers)) - set(modules)
     if unknown:
         raise ValueError(f"unknown module name(s) {sorted(unknown)} in train.freeze/lr_multipliers; known: {sorted(modules)}")
+    adapted = set(config.train.lora.modules) if config.train.lora.r else set()
     groups = []
     for name, module in modules.items():
         frozen = name in config.train.freeze
-        module.requires_grad_(not frozen)
+        for parameter_name, parameter in module.named_parameters():
+            parameter.requires_grad_(not frozen and (name not in adapted or is_adapter(parameter_name)))
         if frozen:
             continue
         lr = config.train.lr * float(config.train.lr_multipliers.get(name, 1.0))
@@ -108,14 +132,18 @@ def parameter_groups(model: MMGPTForConditionalGeneration, config: Config) -> li
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to save and stop at the end of the step; a second one stops at once."""
+    """Ctrl-C or SIGTERM (docker stop, Kubernetes, batch schedulers) asks the loop to save and stop at the end of
+    the step; a second signal stops at once. Every process gets the signal, and they agree on the step through
+    `Accelerator.check_trigger`, so all of them save the same checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous = None
+        self.previous: dict = {}
 
     def __enter__(self) -> "_StopFlag":
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -124,7 +152,8 @@ class _StopFlag:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _load_data(config: Config) -> tuple[list, list, list[str]]:
@@ -137,45 +166,86 @@ def _texts(samples: list) -> list[str]:
     return [segment.text for sample in samples for turn in sample.turns for segment in turn.segments if not segment.is_image]
 
 
+def _supervised_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the loss is taken on: labels are shifted inside the decoder, so the first position never counts."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_resumable(folder: Path, accelerator: Accelerator) -> dict:
+    """The checkpoint's trainer state, or a clear error when this launch cannot take its files.
+
+    Full (unsharded) checkpoints resume on any number of processes: the batch order is a function of the step
+    alone. Sharded ones (FSDP, DeepSpeed) hold one file per process and resume only on the same layout."""
+    state = checkpoint.load_trainer_state(folder)
+    saved_processes = state.get("num_processes", 1)
+    saved_type = state.get("distributed_type", "NO")
+    saved_sharded = saved_type in (DistributedType.FSDP.value, DistributedType.DEEPSPEED.value)
+    if (saved_sharded or _sharded(accelerator)) and (
+        saved_type != accelerator.distributed_type.value or saved_processes != accelerator.num_processes
+    ):
+        raise TrainingError(
+            f"{folder} was written by {saved_processes} process(es) under {saved_type} and this launch has "
+            f"{accelerator.num_processes} under {accelerator.distributed_type.value}: sharded checkpoints resume "
+            "only on the layout that wrote them. Launch with that layout, or start a new output_dir."
+        )
+    return state
+
+
 def train(config: Config, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train per `config`, resuming from the newest checkpoint in `config.output_dir` if there is one."""
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(config.train.mixed_precision))
+    accum = config.train.grad_accum_steps
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_for(config.train.mixed_precision),
+        gradient_accumulation_steps=accum,
+        step_scheduler_with_optimizer=False,  # the schedule advances once per optimizer step, whatever the processes
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro_size = micro_batch_size(config.train.batch_size, world, accum)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
-    set_seed(config.seed)
+    set_seed(config.seed, device_specific=True)  # each process its own dropout stream, restored on resume
     log = accelerator.print
 
     train_samples, eval_samples, skipped = _load_data(config)
     resume_from = checkpoint.latest_checkpoint(output_dir)
-    if resume_from is not None:
-        processor = MMGPTProcessor.from_pretrained(resume_from)
-        model = MMGPTForConditionalGeneration(MMGPTConfig.from_pretrained(resume_from))
-    else:
-        processor, model = build(config.model, _texts(train_samples))
+    resume_state = check_resumable(resume_from, accelerator) if resume_from is not None else None
+    processor, model = build(config.model, _texts(train_samples), resume_from)
+    if config.train.lora.r:
+        add_lora(model, config.train.lora)
+    if config.train.activation_checkpointing:
+        model.gradient_checkpointing_enable()
     max_length = config.data.max_length or model.config.text_config.max_position_embeddings
     train_set = EncodedDataset(train_samples, processor, max_length, config.data.skip_bad_records)
     eval_set = EncodedDataset(eval_samples, processor, max_length, config.data.skip_bad_records)
     skipped += train_set.skipped + eval_set.skipped
     if skipped:
         log(f"skipped {len(skipped)} bad record(s) (data.skip_bad_records=true); first: {skipped[0]}")
-    log(
-        f"data: {len(train_set)} training and {len(eval_set)} eval samples; "
-        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{model.num_image_tokens} tokens per image; precision: {accelerator.mixed_precision}"
-    )
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), betas=(0.9, 0.95), fused=True)
+    groups = parameter_groups(model, config)
+    costs = ModelCosts.of(model)
+    log(
+        f"data: {len(train_set)} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
+        f"parameters ({costs.trainable / 1e6:.2f}M trained), {model.num_image_tokens} tokens per image; "
+        f"precision: {accelerator.mixed_precision}; batch {config.train.batch_size} = {world} process(es) x "
+        f"{accum} accumulation step(s) x {micro_size}"
+    )
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 
     step = 0
     if resume_from is not None:
         checkpoint.check_pickles(resume_from)
         accelerator.load_state(str(resume_from), load_kwargs={"weights_only": True})
-        step = checkpoint.load_trainer_state(resume_from)["step"]
-        log(f"resuming from {resume_from} (step {step})")
+        step = resume_state["step"]
+        log(f"resuming from {resume_from} (step {step}, written by {resume_state.get('num_processes', 1)} process(es))")
         if step >= config.train.max_steps and (output_dir / "final" / "model.safetensors").is_file():
             log(f"already finished: {step} of {config.train.max_steps} steps; the model is in {output_dir / 'final'}")
             return TrainResult(output_dir / "final", step)
@@ -186,41 +256,59 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         (output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def save_checkpoint() -> None:
-        def write(folder: Path) -> None:
+        """Every process writes its part (its RNG state; its shard under FSDP/DeepSpeed) into one temporary
+        folder, which the main process renames once all are done."""
+        final = checkpoint.checkpoints_dir(output_dir) / f"step-{step}"
+        folder = checkpoint.temporary_folder(final)
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        try:
             accelerator.save_state(str(folder), safe_serialization=True)
             if accelerator.is_main_process:
                 processor.save_pretrained(folder)
                 accelerator.unwrap_model(model).config.save_pretrained(folder)
-                checkpoint.save_trainer_state(folder, {"step": step, "samples_skipped": len(skipped)})
-
-        accelerator.wait_for_everyone()
+                checkpoint.save_trainer_state(folder, {
+                    "step": step, "samples_skipped": len(skipped), "num_processes": world,
+                    "distributed_type": accelerator.distributed_type.value,
+                })
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoint.commit(folder, final)
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            previous = checkpoint.latest_checkpoint(output_dir)
+            raise TrainingError(
+                f"could not save the checkpoint of step {step}: {error}. "
+                + (f"The previous checkpoint {previous} is intact; free space and run the same command to resume."
+                   if previous else "No earlier checkpoint exists.")
+            ) from error
         if accelerator.is_main_process:
-            try:
-                checkpoint.write_atomically(checkpoint.checkpoints_dir(output_dir) / f"step-{step}", write)
-            except OSError as error:
-                previous = checkpoint.latest_checkpoint(output_dir)
-                raise TrainingError(
-                    f"could not save the checkpoint of step {step}: {error}. "
-                    + (f"The previous checkpoint {previous} is intact; free space and run the same command to resume."
-                       if previous else "No earlier checkpoint exists.")
-                ) from error
             checkpoint.prune(output_dir, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    def evaluate() -> float:
-        model.eval()
-        losses = []
-        with torch.no_grad():
-            for micro in range(min(config.train.eval_batches, len(eval_set) // config.train.batch_size or 1)):
-                indices = list(range(micro * config.train.batch_size, min(len(eval_set), (micro + 1) * config.train.batch_size)))
-                batch = collate([eval_set[i] for i in indices], processor.special.pad)
-                with accelerator.autocast():
-                    losses.append(model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss.item())
-        model.train()
-        return sum(losses) / len(losses)
+    def process_batches(dataset: EncodedDataset, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches of one global batch, collated and on the device."""
+        return [
+            {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in micro], processor.special.pad).items()}
+            for micro in split_for_process(indices, world, accum, rank)
+        ]
 
-    accum = config.train.grad_accum_steps
-    world = accelerator.num_processes
+    def evaluate() -> float:
+        """Mean loss per supervised token over the first eval samples, each process taking an equal share."""
+        model.eval()
+        count = min(config.train.eval_batches * config.train.batch_size, len(eval_set)) // (world * accum) * world * accum
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        with torch.no_grad():
+            for start in range(0, count, config.train.batch_size):
+                indices = list(range(start, min(count, start + config.train.batch_size)))
+                for batch in process_batches(eval_set, indices):
+                    loss_sum += model(**batch, num_items_in_batch=1).loss.float()  # a sum over the micro-batch
+                    tokens += _supervised_tokens(batch)
+        model.train()
+        return float(accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum"))
+
     bad_in_a_row = 0
     bad_total = 0
     model.train()
@@ -229,68 +317,87 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     first_step = step
     with _StopFlag() as stop:
         while step < config.train.max_steps:
-            losses, tokens = [], 0
-            for micro in range(accum):
-                global_micro = (step * accum + micro) * world + accelerator.process_index
-                indices = batch_indices(train_set.lengths, config.train.batch_size, config.seed, global_micro)
-                batch = collate([train_set[i] for i in indices], processor.special.pad)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                tokens += int((batch["labels"] != -100).sum())
+            step_started = time.perf_counter()
+            micro_batches = process_batches(train_set, batch_indices(train_set.lengths, config.train.batch_size, config.seed, step))
+            # The loss is a sum over the supervised tokens of the whole global batch divided by their count, so a
+            # step's gradient is the same on 1 process or N, in one batch or in accumulated micro-batches.
+            global_tokens = accelerator.reduce(torch.stack([_supervised_tokens(b) for b in micro_batches]).sum(), "sum")
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in micro_batches:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    losses.append(loss.detach().float())
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
-            mean_loss = float(torch.stack(losses).mean())
-            finite = math.isfinite(mean_loss) and math.isfinite(float(grad_norm))
-            if finite:
-                optimizer.step()
-                bad_in_a_row = 0
+                    loss = model(**batch, num_items_in_batch=global_tokens).loss
+                    # DDP/FSDP average gradients over processes and accelerate divides by the accumulation steps:
+                    # scale back up so the gradients are those of the global sum above.
+                    accelerator.backward(loss * world * accum)
+                    loss_sum += loss.detach().float()
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm))
+            mean_loss = float(accelerator.reduce(loss_sum, "sum"))
+            if accelerator.scaler is not None:
+                optimizer.step()  # fp16: the scaler skips steps with inf/NaN gradients itself and lowers its scale
+                finite = math.isfinite(mean_loss)
             else:
-                bad_in_a_row += 1
-                bad_total += 1
+                finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            bad_total += not finite
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
 
-            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "supervised_tokens": tokens, "bad_steps": bad_total}
-            record["steps_per_s"] = (step - first_step) / (time.perf_counter() - started)
+            tokens = accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum")
+            images = accelerator.reduce(torch.tensor(sum(len(b.get("pixel_values", ())) for b in micro_batches),
+                                                     device=accelerator.device), "sum")
+            step_seconds = time.perf_counter() - step_started
+            flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size) / step_seconds
+            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "supervised_tokens": int(global_tokens), "bad_steps": bad_total,
+                      "steps_per_s": (step - first_step) / (time.perf_counter() - started),
+                      "tokens_per_s": int(tokens) / step_seconds, "tflops_per_s": flops_per_s / 1e12}
+            if peak_flops:
+                record["mfu"] = flops_per_s / (peak_flops * world)
             _append_metrics(accelerator, output_dir, record)
             if eval_set and (step % config.train.eval_every == 0 or step == config.train.max_steps):
                 eval_record = {"step": step, "eval_loss": evaluate()}
                 _append_metrics(accelerator, output_dir, eval_record)
-                progress.write(f"step {step}: eval loss {eval_record['eval_loss']:.4f}")
+                if accelerator.is_local_main_process:
+                    progress.write(f"step {step}: eval loss {eval_record['eval_loss']:.4f}")
             if on_step is not None:
                 on_step(step, record)
             if bad_in_a_row >= config.train.max_bad_steps:
+                kept = checkpoint.latest_checkpoint(output_dir)
                 raise TrainingError(
                     f"{bad_in_a_row} steps in a row had a NaN/inf loss or gradient (step {step}); stopping. "
-                    f"The last good checkpoint is kept in {checkpoint.checkpoints_dir(output_dir)}: lower train.lr "
-                    "or check the data, then run the same command to resume."
+                    + (f"The last good checkpoint is {kept}: lower train.lr or check the data, then run the same "
+                       "command to resume." if kept else "No checkpoint was written yet: lower train.lr or check "
+                       "the data, then start again.")
                 )
-            if step % config.train.save_every == 0 and step < config.train.max_steps or stop.requested:
-                save_checkpoint()
             if stop.requested:
+                accelerator.set_trigger()
+            stopping = accelerator.check_trigger()
+            if step % config.train.save_every == 0 and step < config.train.max_steps or stopping:
+                save_checkpoint()
+            if stopping:
                 progress.close()
                 log(f"interrupted at step {step}; checkpoint saved. Run the same command again to resume.")
                 return TrainResult(None, step)
     progress.close()
 
+    save_checkpoint()
     final_dir = output_dir / "final"
+    state_dict = accelerator.get_state_dict(model)  # every process: gathers FSDP/DeepSpeed shards
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        weights = merge_lora(state_dict, unwrapped) if config.train.lora.r else state_dict
 
         def write_final(folder: Path) -> None:
-            unwrapped.save_pretrained(folder, safe_serialization=True)
+            unwrapped.save_pretrained(folder, state_dict=weights, safe_serialization=True)
             processor.save_pretrained(folder)
 
         checkpoint.write_atomically(final_dir, write_final)
         plot_metrics(output_dir / METRICS_FILE, output_dir / "loss.png")
-    save_checkpoint()
     accelerator.wait_for_everyone()
     log(f"done: {step} steps; model saved to {final_dir}")
     return TrainResult(final_dir, step)

@@ -34,10 +34,10 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path):
 
 def test_batch_order_is_seeded_complete_and_length_grouped():
     lengths = tuple((i * 37) % 101 for i in range(64))
-    epoch = [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]
+    epoch = [batch_indices(lengths, 4, seed=1, step=m) for m in range(16)]
     assert sorted(i for batch in epoch for i in batch) == list(range(64))
-    assert epoch == [batch_indices(lengths, 4, seed=1, micro_step=m) for m in range(16)]
-    assert epoch != [batch_indices(lengths, 4, seed=2, micro_step=m) for m in range(16)]
+    assert epoch == [batch_indices(lengths, 4, seed=1, step=m) for m in range(16)]
+    assert epoch != [batch_indices(lengths, 4, seed=2, step=m) for m in range(16)]
     assert batch_indices(lengths, 4, 1, 16) != epoch[0] or batch_indices(lengths, 4, 1, 17) != epoch[1]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / len(epoch)
     assert spread < 20  # random batches of 4 would spread ~60

@@ -1,11 +1,15 @@
 import json
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 
+from accelerate import Accelerator
+
 from mmgpt import MMGPT
+from mmgpt.modeling import MMGPTForConditionalGeneration
 from mmgpt.checkpoint import list_checkpoints
 from mmgpt.evaluate import normalise, read_eval_items
 from mmgpt.train import train
@@ -71,17 +75,74 @@ def test_unknown_module_name_in_freeze_is_an_error(shapes_dir, tmp_path):
         train(config)
 
 
-def test_gradient_accumulation_steps_once_per_accumulated_batch(shapes_dir, tmp_path):
-    config = tiny_config(shapes_dir, tmp_path / "run", "train.max_steps=3", "train.grad_accum_steps=2",
-                         "train.batch_size=2", "train.save_every=1", "train.keep_checkpoints=5", "data.eval=")
-    train(config)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(r["supervised_tokens"] > 0 for r in records)
+def test_gradient_accumulation_equals_one_big_batch(shapes_dir, tmp_path):
+    """2 x 4 accumulated is the same optimizer step as one batch of 8: averaged (not summed), clipped once."""
+    runs = {}
+    for accum in (1, 2):
+        output_dir = tmp_path / f"accum{accum}"
+        train(tiny_config(shapes_dir, output_dir, "train.max_steps=2", "train.batch_size=8",
+                          f"train.grad_accum_steps={accum}", "train.save_every=1", "train.keep_checkpoints=5",
+                          "train.max_grad_norm=0.5", "data.eval="))
+        runs[accum] = output_dir
+    one, two = ([json.loads(line) for line in (runs[a] / "metrics.jsonl").read_text().splitlines()] for a in (1, 2))
+    for big, accumulated in zip(one, two):
+        assert accumulated["loss"] == pytest.approx(big["loss"], rel=1e-5)
+        assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+        assert accumulated["supervised_tokens"] == big["supervised_tokens"]
+    assert one[0]["grad_norm"] > 0.5  # so clipping acted, once, on the whole step's gradient
     from safetensors.torch import load_file
 
-    first = load_file(tmp_path / "run" / "checkpoints" / "step-1" / "model.safetensors")
-    second = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
-    assert not torch.equal(first["projector.mlp.0.weight"], second["projector.mlp.0.weight"])
-    optimizer_steps = torch.load(tmp_path / "run" / "checkpoints" / "step-3" / "optimizer.bin", weights_only=True)
-    assert {int(s["step"]) for s in optimizer_steps["state"].values()} == {3}
+    for step in (1, 2):
+        big = load_file(runs[1] / "checkpoints" / f"step-{step}" / "model.safetensors")
+        accumulated = load_file(runs[2] / "checkpoints" / f"step-{step}" / "model.safetensors")
+        for name, weight in big.items():
+            torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6)
+    optimizer_steps = torch.load(runs[2] / "checkpoints" / "step-2" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in optimizer_steps["state"].values()} == {2}
+
+
+def test_resumed_and_fresh_runs_save_the_same_generation_settings(shapes_dir, tmp_path):
+    overrides = ["train.max_steps=2", "train.save_every=1", "data.eval="]
+    fresh = train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
+    (tmp_path / "fresh" / "final").rename(tmp_path / "fresh-final")
+    shutil.rmtree(tmp_path / "fresh" / "checkpoints" / "step-2")
+    resumed = train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
+    assert resumed.step == 2
+    before = json.loads((tmp_path / "fresh-final" / "generation_config.json").read_text())
+    after = json.loads((resumed.final_dir / "generation_config.json").read_text())
+    assert after == before
+    processor = MMGPT.from_pretrained(resumed.final_dir, device="cpu").processor
+    assert after["eos_token_id"] == [processor.special.end, processor.special.eos]
+
+
+class Fp16ScalerAccelerator(Accelerator):
+    """What accelerate sets up for fp16 on a CUDA GPU (a GradScaler in the optimizer's step), on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        self.native_amp = True
+
+    @property
+    def mixed_precision(self) -> str:
+        return "fp16"
+
+
+def test_fp16_run_goes_on_after_a_nan_step(shapes_dir, tmp_path, monkeypatch):
+    real_forward = MMGPTForConditionalGeneration.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        output = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if output.loss is not None and calls["n"] == 2:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(MMGPTForConditionalGeneration, "forward", forward)
+    monkeypatch.setattr("mmgpt.train.Accelerator", Fp16ScalerAccelerator)
+    result = train(tiny_config(shapes_dir, tmp_path, "train.max_steps=5", "train.save_every=100", "data.eval="))
+    assert result.step == 5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in records] == [0, 1, 1, 1, 1]
+    assert (tmp_path / "checkpoints" / "step-5" / "scaler.pt").is_file()
