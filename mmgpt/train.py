@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -200,11 +201,15 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     output_dir = Path(config.output_dir)
     accum = config.train.grad_accum_steps
     accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # so that a launch of N CPU processes is one gloo run, not N runs
         mixed_precision=mixed_precision_for(config.train.mixed_precision),
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,  # the schedule advances once per optimizer step, whatever the processes
     )
     world, rank = accelerator.num_processes, accelerator.process_index
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise TrainingError(f"the launcher started {launched} processes but they did not join one run ({world} seen)")
     micro_size = micro_batch_size(config.train.batch_size, world, accum)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -295,9 +300,12 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         ]
 
     def evaluate() -> float:
-        """Mean loss per supervised token over the first eval samples, each process taking an equal share."""
+        """Mean loss per supervised token over the first eval samples, each process taking an equal share: whole
+        batches (the same samples on any layout) or, for a set smaller than one batch, all that split evenly."""
         model.eval()
-        count = min(config.train.eval_batches * config.train.batch_size, len(eval_set)) // (world * accum) * world * accum
+        batch_size = config.train.batch_size
+        count = min(config.train.eval_batches, len(eval_set) // batch_size) * batch_size
+        count = count or len(eval_set) // (world * accum) * world * accum
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
