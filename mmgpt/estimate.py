@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from mmgpt.modeling import MMGPTForConditionalGeneration
+from mmgpt.config import ModelConfig
+from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (TFLOP/s) and memory (GiB), by name.
 GPUS = {
@@ -82,27 +83,31 @@ class ModelCosts:
         parameters = {id(p): p for p in model.parameters()}.values()  # tied weights once
         return cls(sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad), towers)
 
-    def forward_flops(self, tokens: int, images: int, sequence: float) -> dict[str, float]:
-        """Forward FLOPs per tower for `tokens` decoder tokens in sequences of mean length `sequence`."""
+    def forward_flops(self, tokens: int, images: int, sequence: float) -> dict[str, tuple[float, float]]:
+        """Forward FLOPs per tower, (linear layers, attention), for `tokens` decoder tokens in sequences of mean
+        length `sequence`."""
         vision, projector, decoder = (self.towers[name] for name in TOWERS)
         return {
-            "vision": images * (2 * vision.matmul_weights * vision.positions
-                                + 4 * vision.layers * vision.width * vision.positions**2),
-            "projector": images * 2 * projector.matmul_weights * projector.positions,
-            "language_model": tokens * (2 * decoder.matmul_weights + 4 * decoder.layers * decoder.width * sequence),
+            "vision": (images * 2 * vision.matmul_weights * vision.positions,
+                       images * 4 * vision.layers * vision.width * vision.positions**2),
+            "projector": (images * 2 * projector.matmul_weights * projector.positions, 0.0),
+            "language_model": (tokens * 2 * decoder.matmul_weights, tokens * 4 * decoder.layers * decoder.width * sequence),
         }
 
     def training_flops(self, tokens: int, images: int, sequences: int, checkpointing: bool = False) -> float:
-        """Forward + backward (+ the recomputed forward under activation checkpointing) of one training step."""
-        forward = self.forward_flops(tokens, images, tokens / max(1, sequences))
+        """Forward + backward (+ the recomputed forward under activation checkpointing) of one training step.
+
+        Where gradients flow, a linear layer's backward is its input gradient (1x forward) plus its weight gradient
+        where the weight trains (1x); attention's is 2x (both operands of both products)."""
         total = 0.0
-        for name, flops in forward.items():
+        for name, (linear, attention) in self.forward_flops(tokens, images, tokens / max(1, sequences)).items():
             tower = self.towers[name]
             if not tower.gradient_flows:
-                total += flops
+                total += linear + attention
                 continue
             weight_share = tower.trained_matmul_weights / max(1, tower.matmul_weights)
-            total += flops * (2 + weight_share + (checkpointing and name != "projector"))
+            recompute = checkpointing and name != "projector"
+            total += linear * (2 + weight_share + recompute) + attention * (3 + recompute)
         return total
 
     def memory(self, strategy: str, gpus: int, micro_batch: int, tokens: float, images: float, bytes_per_activation: int,
@@ -130,20 +135,13 @@ class ModelCosts:
 
 def estimate(config, gpus: int, gpu: str, mfu: float, data: str | None) -> dict:
     """The figures `mmgpt estimate` prints, from a run config (no weights loaded, nothing trained)."""
-    from mmgpt.build import composite_config, decoder_config
     from mmgpt.lora import add_lora
     from mmgpt.train import micro_batch_size, parameter_groups
 
     if gpu not in GPUS:
         raise ValueError(f"unknown --gpu {gpu!r}; known: {', '.join(GPUS)}")
-    text = config.model.text
-    try:
-        text_config = decoder_config(text, text.bpe_vocab_size)
-    except OSError as error:
-        raise ValueError(f"could not read the decoder config {text.pretrained!r} ({error}); give a local folder, or "
-                         "--set model.text.pretrained= model.text.config=... to describe its shape") from None
     with torch.device("meta"):  # shapes only: no memory, no initialisation, nothing downloaded
-        model = MMGPTForConditionalGeneration(composite_config(config.model, text_config, 0))
+        model = MMGPTForConditionalGeneration(_architecture(config.model))
         if config.train.lora.r:
             add_lora(model, config.train.lora)
     parameter_groups(model, config)
@@ -171,6 +169,27 @@ def estimate(config, gpus: int, gpu: str, mfu: float, data: str | None) -> dict:
         "hours_per_million_samples": per_sample * 1e6 / (gpus * peak * 1e12 * mfu) / 3600,
         "memory": memory,
     }
+
+
+def _architecture(config: ModelConfig) -> MMGPTConfig:
+    """The composite's config as training would build it: from `init_from`'s folder, or from the model section."""
+    from mmgpt.build import composite_config, decoder_config
+
+    if config.init_from:
+        folder = Path(config.init_from)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.init_from {folder}: no config.json yet. Estimate with the config of the stage that writes it "
+                "(and this stage's train settings), or --set model.init_from= and the architecture"
+            )
+        return MMGPTConfig.from_pretrained(folder)
+    try:
+        text_config = decoder_config(config.text, config.text.bpe_vocab_size)
+    except OSError as error:
+        raise ValueError(f"could not read the decoder config {config.text.pretrained!r} ({error}); give a local "
+                         "folder, or --set model.text.pretrained= model.text.config=... to describe its shape") from None
+    text_config.bos_token_id = text_config.eos_token_id = text_config.pad_token_id = None
+    return composite_config(config, text_config, 0)
 
 
 def _tokens_per_sample(data: str | None, config, limit: int = 1000) -> tuple[float, float]:
@@ -209,7 +228,7 @@ def format_estimate(figures: dict) -> str:
         f"{figures['images_per_sample']:.2f} images x {figures['image_tokens']} image tokens)",
         f"training FLOPs per sample: {figures['flops_per_sample'] / 1e9:.2f} GFLOP",
         f"time per 1M samples on {figures['gpus']} x {figures['gpu']} at {figures['mfu']:.0%} MFU: "
-        f"{figures['hours_per_million_samples']:.2f} h",
+        f"{figures['hours_per_million_samples']:.3g} h",
         f"memory per GPU (GiB; micro-batch {figures['micro_batch']}; {figures['gpu']} has {figures['gpu_memory_gib']}):",
         f"  {'strategy':<8} {'ckpt':<5} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total':>8}",
     ]
