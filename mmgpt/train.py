@@ -176,6 +176,26 @@ def _sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def _check_launch(accelerator: Accelerator, accum: int) -> None:
+    """Refuse launches that would not do what they say: N processes that are not one run, a sharding strategy that
+    accelerate runs only on GPUs (on CPU it silently falls back to plain data parallel), or an accelerate config
+    whose accumulation steps differ from the recipe's (the batch split would be wrong)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(f"the launcher started {launched} processes but {accelerator.num_processes} joined the run")
+    for strategy, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type.value != strategy.upper():
+            raise TrainingError(
+                f"the launch asks for {strategy}, which accelerate runs on GPUs only; this run would be "
+                f"{accelerator.distributed_type.value}. Drop the {strategy} flag or config on a machine without GPUs."
+            )
+    if accelerator.gradient_accumulation_steps != accum:
+        raise TrainingError(
+            f"the accelerate config sets {accelerator.gradient_accumulation_steps} gradient accumulation steps and "
+            f"train.grad_accum_steps is {accum}: set it in the recipe (train.grad_accum_steps) only"
+        )
+
+
 def check_resumable(folder: Path, accelerator: Accelerator) -> dict:
     """The checkpoint's trainer state, or a clear error when this launch cannot take its files.
 
@@ -207,9 +227,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         step_scheduler_with_optimizer=False,  # the schedule advances once per optimizer step, whatever the processes
     )
     world, rank = accelerator.num_processes, accelerator.process_index
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        raise TrainingError(f"the launcher started {launched} processes but they did not join one run ({world} seen)")
+    _check_launch(accelerator, accum)
     micro_size = micro_batch_size(config.train.batch_size, world, accum)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -236,7 +254,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     log(
         f"data: {len(train_set)} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
         f"parameters ({costs.trainable / 1e6:.2f}M trained), {model.num_image_tokens} tokens per image; "
-        f"precision: {accelerator.mixed_precision}; batch {config.train.batch_size} = {world} process(es) x "
+        f"precision: {accelerator.mixed_precision}; {accelerator.distributed_type.value}: batch "
+        f"{config.train.batch_size} = {world} process(es) x "
         f"{accum} accumulation step(s) x {micro_size}"
     )
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
@@ -338,13 +357,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                     # scale back up so the gradients are those of the global sum above.
                     accelerator.backward(loss * world * accum)
                     loss_sum += loss.detach().float()
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm))
+            norm = accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+            grad_norm = None if norm is None else float(norm)  # DeepSpeed clips (and reports) inside its own step
             mean_loss = float(accelerator.reduce(loss_sum, "sum"))
             if accelerator.scaler is not None:
                 optimizer.step()  # fp16: the scaler skips steps with inf/NaN gradients itself and lowers its scale
                 finite = math.isfinite(mean_loss)
             else:
-                finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+                finite = math.isfinite(mean_loss) and (grad_norm is None or math.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
             bad_in_a_row = 0 if finite else bad_in_a_row + 1

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from mmgpt import checkpoint
+from mmgpt.build import build
 from mmgpt.config import load_config
+from mmgpt.data.records import read_jsonl
 from mmgpt.train import TrainingError, batch_indices, split_for_process, train
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_LFM2, TINY_OVERRIDES
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-shapes.yaml"
 LOSS_TOLERANCE = 1e-4  # relative: the same sums in another order (and other padding) on each side
@@ -72,7 +74,7 @@ def two_process_run(shapes_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_what_one_process_trains_step_by_step(two_process_run, shapes_dir, tmp_path):
     two, result = two_process_run
-    assert "batch 8 = 2 process(es) x 2 accumulation step(s) x 2" in result.stdout
+    assert "MULTI_CPU: batch 8 = 2 process(es) x 2 accumulation step(s) x 2" in result.stdout
     one = tmp_path / "one"
     train(load_config(CONFIG, settings(shapes_dir, one, "train.max_steps=6", "train.save_every=3")))
     assert_close(records(two, "loss"), records(one, "loss"))
@@ -171,3 +173,30 @@ def test_sharded_checkpoint_on_another_layout_is_refused_with_the_reason(shapes_
     config.train.max_steps = 4
     with pytest.raises(TrainingError, match="written by 8 process.*under FSDP.*1 under NO.*layout that wrote them"):
         train(config)
+
+
+@pytest.mark.slow
+def test_fsdp_launch_without_gpus_is_refused_not_run_as_something_else(shapes_dir, tmp_path):
+    command = launch_command(2, settings(shapes_dir, tmp_path / "run", "train.max_steps=2"))
+    fsdp = [*command[:3], "--use_fsdp", "--fsdp_version", "2", *command[4:]]  # --multi_gpu -> --use_fsdp
+    result = subprocess.run(fsdp, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "the launch asks for FSDP, which accelerate runs on GPUs only; this run would be MULTI_CPU" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+LLAMA = ("model.text.config={model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, "
+         "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}")
+
+
+@pytest.mark.parametrize("decoder, layers", [(None, 2), (TINY_LFM2, 2), (LLAMA, 3)])
+def test_fsdp_wraps_every_decoder_layer_and_vit_block_found_from_the_model(shapes_dir, tmp_path, decoder, layers):
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    config = load_config(None, [*TINY_OVERRIDES, "model.vision.kwargs.depth=2", *([decoder] if decoder else [])])
+    samples, _ = read_jsonl(shapes_dir / "train.jsonl")
+    _, model = build(config.model, [seg.text for s in samples for t in s.turns for seg in t.segments if seg.text])
+    classes = {get_module_class_from_name(model, name) for name in model._no_split_modules}  # what accelerate does
+    assert None not in classes
+    wrapped = [module for module in model.modules() if type(module) in classes]
+    assert len(wrapped) == layers + 2  # every decoder layer and both ViT blocks, nothing else

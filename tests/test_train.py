@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from accelerate import Accelerator
 from mmgpt import MMGPT
 from mmgpt.modeling import MMGPTForConditionalGeneration
 from mmgpt.checkpoint import list_checkpoints
+from mmgpt.config import load_config
 from mmgpt.evaluate import normalise, read_eval_items
 from mmgpt.train import train
 
@@ -146,3 +148,24 @@ def test_fp16_run_goes_on_after_a_nan_step(shapes_dir, tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_steps"] for r in records] == [0, 1, 1, 1, 1]
     assert (tmp_path / "checkpoints" / "step-5" / "scaler.pt").is_file()
+
+
+@pytest.mark.slow
+def test_real_recipe_architecture_trains_both_stages_and_generates(shapes_dir, tmp_path):
+    """SigLIP-B/16 at 224 px + GPT-2 small, pixel shuffle 2 (49 image tokens), as configs/siglip-gpt2-*.yaml build
+    them, with random weights (nothing downloaded): stage 1 (projector), then stage 2 from its final folder."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    shape = ["model.vision.pretrained=", "model.text.pretrained=", "model.text.config={model_type: gpt2, vocab_size: 50257}"]
+    common = [f"data.train={shapes_dir / 'train.jsonl'}", f"data.eval={shapes_dir / 'eval.jsonl'}", "train.batch_size=2",
+              "train.max_steps=2", "train.warmup_steps=1", "train.eval_batches=1", "train.mixed_precision=no"]
+    stage1 = train(load_config(root / "siglip-gpt2-stage1.yaml", [*shape, *common, f"output_dir={tmp_path / 's1'}"]))
+    stage2 = train(load_config(root / "siglip-gpt2-stage2.yaml",
+                               [*common, f"model.init_from={stage1.final_dir}", f"output_dir={tmp_path / 's2'}"]))
+    model = MMGPT.from_pretrained(stage2.final_dir, device="cpu")
+    assert model.model.vision.vit.__class__.__name__ == "VisionTransformer" and model.model.vision.width == 768
+    assert model.model.num_image_tokens == 49 and model.model.config.text_config.n_layer == 12
+    assert sum(p.numel() for p in model.model.parameters()) > 200e6
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(shapes_dir / "images" / "eval000000.png")},
+                                             {"type": "text", "text": "What colour is the circle?"}]}]
+    answer = model.generate([messages], max_new_tokens=4)[0]
+    assert isinstance(answer, str)
