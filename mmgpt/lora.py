@@ -7,6 +7,8 @@ that loads without peft.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -44,7 +46,9 @@ def add_lora(model: MMGPTForConditionalGeneration, settings: LoraConfig) -> None
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=target_layers(model, settings),
     )
-    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():  # peft notes that it transposes GPT-2's Conv1D (in x out) adapters: expected
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
 
 
 def is_adapter(parameter_name: str) -> bool:

@@ -84,7 +84,7 @@ def test_gradient_accumulation_equals_one_big_batch(shapes_dir, tmp_path):
         output_dir = tmp_path / f"accum{accum}"
         train(tiny_config(shapes_dir, output_dir, "train.max_steps=2", "train.batch_size=8",
                           f"train.grad_accum_steps={accum}", "train.save_every=1", "train.keep_checkpoints=5",
-                          "train.max_grad_norm=0.5", "data.eval="))
+                          "train.max_grad_norm=0.5", "train.peak_tflops=0.5", "data.eval="))
         runs[accum] = output_dir
     one, two = ([json.loads(line) for line in (runs[a] / "metrics.jsonl").read_text().splitlines()] for a in (1, 2))
     for big, accumulated in zip(one, two):
@@ -92,6 +92,8 @@ def test_gradient_accumulation_equals_one_big_batch(shapes_dir, tmp_path):
         assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
         assert accumulated["supervised_tokens"] == big["supervised_tokens"]
     assert one[0]["grad_norm"] > 0.5  # so clipping acted, once, on the whole step's gradient
+    for record in one + two:  # cost figures of every step: tokens/s, achieved FLOP/s, MFU against the stated peak
+        assert record["tokens_per_s"] > 0 and record["mfu"] == pytest.approx(record["tflops_per_s"] / 0.5)
     from safetensors.torch import load_file
 
     for step in (1, 2):
