@@ -200,3 +200,17 @@ def test_fsdp_wraps_every_decoder_layer_and_vit_block_found_from_the_model(shape
     assert None not in classes
     wrapped = [module for module in model.modules() if type(module) in classes]
     assert len(wrapped) == layers + 2  # every decoder layer and both ViT blocks, nothing else
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_on_two(shapes_dir, tmp_path):
+    one = tmp_path / "one"
+    train(load_config(CONFIG, settings(shapes_dir, one, "train.max_steps=6", "train.save_every=3",
+                                       "train.keep_checkpoints=5")))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(one, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(checkpoint.checkpoints_dir(resumed) / "step-6")
+    result = run(launch_command(2, settings(shapes_dir, resumed, "train.max_steps=6", "train.save_every=3")))
+    assert "resuming from" in result.stdout and "written by 1 process(es)" in result.stdout
+    assert_close(records(resumed, "loss"), records(one, "loss"))
