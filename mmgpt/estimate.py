@@ -136,7 +136,8 @@ class ModelCosts:
 def estimate(config, gpus: int, gpu: str, mfu: float, data: str | None) -> dict:
     """The figures `mmgpt estimate` prints, from a run config (no weights loaded, nothing trained)."""
     from mmgpt.lora import add_lora
-    from mmgpt.train import micro_batch_size, parameter_groups
+    from mmgpt.data.loader import micro_batch_size
+    from mmgpt.train import parameter_groups
 
     if gpu not in GPUS:
         raise ValueError(f"unknown --gpu {gpu!r}; known: {', '.join(GPUS)}")

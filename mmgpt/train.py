@@ -6,7 +6,6 @@ for each step, take the step's batches, forward, backward, clip, step, and now a
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -26,8 +25,10 @@ from tqdm.auto import tqdm
 from mmgpt import checkpoint
 from mmgpt.build import build
 from mmgpt.config import Config
-from mmgpt.data.collate import collate
 from mmgpt.data.dataset import EncodedDataset
+from mmgpt.data.loader import (
+    StepSampler, batch_loader, default_num_workers, micro_batch_size, running, split_for_process,
+)
 from mmgpt.data.records import read_jsonl
 from mmgpt.estimate import ModelCosts, peak_flops_of
 from mmgpt.lora import add_lora, is_adapter, merge_lora
@@ -55,47 +56,6 @@ def mixed_precision_for(setting: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
-
-
-def batch_indices(lengths: tuple[int, ...], batch_size: int, seed: int, step: int) -> list[int]:
-    """The sample indices of global batch `step`, a pure function of its arguments (so resume is exact, and the
-    same whatever the number of processes)."""
-    per_epoch = len(lengths) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the data set ({len(lengths)} samples)")
-    epoch, position = divmod(step, per_epoch)
-    return _epoch_batches(lengths, batch_size, seed, epoch)[position]
-
-
-def micro_batch_size(batch_size: int, num_processes: int, accum: int) -> int:
-    """`train.batch_size` is the global batch of one optimizer step: split over processes and accumulation steps."""
-    if batch_size <= 0 or batch_size % (num_processes * accum):
-        raise ValueError(
-            f"train.batch_size {batch_size} does not split evenly over {num_processes} process(es) x "
-            f"{accum} accumulation step(s) (train.grad_accum_steps); make it a multiple of {num_processes * accum}"
-        )
-    return batch_size // (num_processes * accum)
-
-
-def split_for_process(batch: list[int], num_processes: int, accum: int, rank: int) -> list[list[int]]:
-    """Process `rank`'s micro-batches of one global batch: the batch is cut into num_processes x accum equal runs
-    (neighbours in a length-grouped batch, so each pads little), micro-batch m of rank r being run m * N + r."""
-    size = len(batch) // (num_processes * accum)
-    runs = [batch[start : start + size] for start in range(0, len(batch), size)]
-    return [runs[micro * num_processes + rank] for micro in range(accum)]
-
-
-@functools.lru_cache(maxsize=2)
-def _epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int, group: int = 16) -> list[list[int]]:
-    """One epoch's batches: a seeded shuffle, sorted by length within windows of `group` batches so a batch pads
-    little, then the batches shuffled again. Cached: every step of the epoch reads it."""
-    per_epoch = len(lengths) // batch_size
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator)[: per_epoch * batch_size].tolist()
-    window = group * batch_size
-    order = [i for start in range(0, len(order), window) for i in sorted(order[start : start + window], key=lengths.__getitem__)]
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    return [batches[i] for i in torch.randperm(per_epoch, generator=generator).tolist()]
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -311,12 +271,12 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             checkpoint.prune(output_dir, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    def process_batches(dataset: EncodedDataset, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        """This process's micro-batches of one global batch, collated and on the device."""
-        return [
-            {k: v.to(accelerator.device) for k, v in collate([dataset[i] for i in micro], processor.special.pad).items()}
-            for micro in split_for_process(indices, world, accum, rank)
-        ]
+    workers = config.train.num_workers
+    if workers < 0:
+        workers = default_num_workers(accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
 
     def evaluate() -> float:
         """Mean loss per supervised token over the first eval samples, each process taking an equal share: whole
@@ -325,14 +285,15 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         batch_size = config.train.batch_size
         count = min(config.train.eval_batches, len(eval_set) // batch_size) * batch_size
         count = count or len(eval_set) // (world * accum) * world * accum
+        batches = [micro for start in range(0, count, batch_size)
+                   for micro in split_for_process(list(range(start, min(count, start + batch_size))), world, accum, rank)]
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
-            for start in range(0, count, config.train.batch_size):
-                indices = list(range(start, min(count, start + config.train.batch_size)))
-                for batch in process_batches(eval_set, indices):
-                    loss_sum += model(**batch, num_items_in_batch=1).loss.float()  # a sum over the micro-batch
-                    tokens += _supervised_tokens(batch)
+            for batch in batch_loader(eval_set, batches, processor.special.pad, workers, accelerator.device):
+                batch = to_device(batch)  # exhausting the loader stops its workers
+                loss_sum += model(**batch, num_items_in_batch=1).loss.float()  # a sum over the micro-batch
+                tokens += _supervised_tokens(batch)
         model.train()
         return float(accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum"))
 
@@ -342,10 +303,13 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     progress = tqdm(total=config.train.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     first_step = step
-    with _StopFlag() as stop:
+    sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
+                          world, accum, rank)
+    loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device)
+    with _StopFlag() as stop, running(loader) as batches:
         while step < config.train.max_steps:
             step_started = time.perf_counter()
-            micro_batches = process_batches(train_set, batch_indices(train_set.lengths, config.train.batch_size, config.seed, step))
+            micro_batches = [to_device(next(batches)) for _ in range(accum)]
             # The loss is a sum over the supervised tokens of the whole global batch divided by their count, so a
             # step's gradient is the same on 1 process or N, in one batch or in accumulated micro-batches.
             global_tokens = accelerator.reduce(torch.stack([_supervised_tokens(b) for b in micro_batches]).sum(), "sum")

@@ -1,7 +1,7 @@
 import pytest
 
 from mmgpt.config import ConfigError, load_config
-from mmgpt.train import batch_indices
+from mmgpt.data.loader import batch_indices
 
 
 def test_yaml_then_dotted_overrides_are_typed(tmp_path):

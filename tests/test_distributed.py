@@ -17,7 +17,8 @@ from mmgpt import checkpoint
 from mmgpt.build import build
 from mmgpt.config import load_config
 from mmgpt.data.records import read_jsonl
-from mmgpt.train import TrainingError, batch_indices, split_for_process, train
+from mmgpt.data.loader import batch_indices, split_for_process
+from mmgpt.train import TrainingError, train
 
 from conftest import TINY_LFM2, TINY_OVERRIDES
 

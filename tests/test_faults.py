@@ -48,6 +48,29 @@ def test_sigkill_mid_run_then_same_command_resumes_with_identical_losses(shapes_
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_and_the_same_command_resumes(shapes_dir, tmp_path):
+    """What `docker stop` or a scheduler sends, reaching the training process and its decoding workers alike."""
+    settings = [*TINY_OVERRIDES, f"data.train={shapes_dir / 'train.jsonl'}", "data.eval=", "train.max_steps=400",
+                "train.save_every=1000", "train.num_workers=1", f"output_dir={tmp_path}"]
+    command = [sys.executable, "-m", "mmgpt.cli", "train", str(CONFIG), "--set", *settings]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").is_file() or len((tmp_path / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-2000:]
+    assert "checkpoint saved. Run the same command again to resume" in output
+    [(step, _)] = checkpoint.list_checkpoints(tmp_path)
+    assert step == len(losses(tmp_path))
+    command[command.index("train.max_steps=400")] = f"train.max_steps={step + 2}"
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and f"resuming from {checkpoint.checkpoints_dir(tmp_path) / f'step-{step}'}" in rerun.stdout
+
+
 def test_half_written_checkpoints_are_never_taken(shapes_dir, tmp_path):
     config = tiny_config(shapes_dir, tmp_path, "train.max_steps=4", "train.save_every=2", "data.eval=")
     train(config)

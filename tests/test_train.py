@@ -45,6 +45,22 @@ def test_resume_after_ctrl_c_continues_with_the_same_losses(shapes_dir, tmp_path
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
 
 
+def test_resume_with_decoding_workers_continues_with_the_same_losses(shapes_dir, tmp_path):
+    """Two worker processes decode ahead of the step; Ctrl-C mid-run and the resumed run see the same batches as a
+    run that never stopped, and as one that decodes in the training process."""
+    overrides = ["train.max_steps=6", "train.save_every=100", "train.eval_every=3", "train.num_workers=2"]
+
+    def press_ctrl_c_at_step_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides), on_step=press_ctrl_c_at_step_3).step == 3
+    train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
+    train(tiny_config(shapes_dir, tmp_path / "in-process", *overrides, "train.num_workers=0"))
+    assert len(losses(tmp_path / "resumed")) == 6
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "in-process")
+
+
 def test_model_overfits_a_handful_of_samples(shapes_dir, tmp_path):
     items = read_eval_items(shapes_dir / "eval.jsonl")[:4]
     handful = shapes_dir / "handful.jsonl"  # beside the images: paths may not leave the data folder
