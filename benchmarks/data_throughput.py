@@ -27,7 +27,7 @@ from mmgpt.build import build
 from mmgpt.config import load_config
 from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.loader import StepSampler, batch_loader, running
-from mmgpt.data.records import read_jsonl
+from mmgpt.data.formats import read_jsonl
 from mmgpt.estimate import GPUS, estimate
 
 ROOT = Path(__file__).resolve().parents[1]

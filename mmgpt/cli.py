@@ -18,6 +18,15 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_convert(args: argparse.Namespace) -> int:
+    from mmgpt.data.formats import read_samples, write_jsonl
+
+    samples, skipped = read_samples(args.input, args.format, args.image_folder, args.skip_bad_records)
+    out = write_jsonl(samples, Path(args.out))
+    print(f"wrote {out} ({len(samples)} records" + (f"; skipped {len(skipped)}: first {skipped[0]}" if skipped else "") + ")")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from mmgpt.config import load_config
     from mmgpt.train import train
@@ -132,7 +141,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmgpt", description="A small, hackable vision-language GPT.")
     commands = root.add_subparsers(dest="command", required=True)
 
-    data = commands.add_parser("data", help="write a synthetic data set").add_subparsers(dest="kind", required=True)
+    data = commands.add_parser("data", help="write a synthetic data set, or convert one").add_subparsers(dest="kind", required=True)
     shapes = data.add_parser("shapes", help="coloured shapes: captions, VQA chats, interleaved documents")
     shapes.add_argument("--out", required=True, help="folder for train.jsonl, eval.jsonl and images/")
     shapes.add_argument("--seed", type=int, default=0)
@@ -146,6 +155,15 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
+
+    convert = data.add_parser("convert", help="any known format (LLaVA, ShareGPT, HF datasets, webdataset) -> our JSONL")
+    convert.add_argument("input", help="data file or folder")
+    convert.add_argument("--to", choices=["jsonl"], default="jsonl")
+    convert.add_argument("--out", required=True, help="JSONL to write; images outside its folder go to images/ beside it")
+    convert.add_argument("--format", default="", help="jsonl, llava, hf or webdataset (default: detected)")
+    convert.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
+    convert.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
+    convert.set_defaults(run=_data_convert)
 
     train = commands.add_parser("train", help="train (resumes from the newest checkpoint of the run)")
     train.add_argument("config", help="YAML config, e.g. configs/tiny-shapes.yaml")

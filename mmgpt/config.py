@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = "data/shapes/train.jsonl"
     eval: str = ""
+    format: str = ""  # "" = detect from the file or folder; jsonl, llava, hf, webdataset (see mmgpt/data/formats.py)
+    image_folder: str = ""  # image paths are relative to this folder; "" = the data file's folder
     skip_bad_records: bool = False  # skip (and count, and report) bad records instead of stopping
     max_length: int = 0  # longest sample in tokens; 0 = the decoder's context length
 

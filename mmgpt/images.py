@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,14 @@ from torchvision.transforms.v2 import functional as F
 
 class ImageError(ValueError):
     """An image that cannot be used; the message names the image and the cause."""
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An encoded image that lives inside another file (a tar shard, a parquet row): its bytes, and a name for errors."""
+
+    data: bytes
+    name: str
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -33,13 +42,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: str | Path | Image.Image) -> Image.Image:
+def load_image(image: str | Path | Image.Image | ImageBytes) -> Image.Image:
     """Open (first frame of an animation), apply EXIF orientation, convert to RGB. Raises `ImageError`."""
-    name = getattr(image, "filename", None) or (str(image) if not isinstance(image, Image.Image) else "<image>")
+    if isinstance(image, ImageBytes):
+        name, source = image.name, io.BytesIO(image.data)
+    else:
+        name = getattr(image, "filename", None) or (str(image) if not isinstance(image, Image.Image) else "<image>")
+        source = image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = image if isinstance(image, Image.Image) else Image.open(image)
+            opened = source if isinstance(source, Image.Image) else Image.open(source)
             if getattr(opened, "n_frames", 1) > 1:
                 opened.seek(0)
             opened.load()

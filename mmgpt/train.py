@@ -29,7 +29,7 @@ from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.loader import (
     StepSampler, batch_loader, default_num_workers, micro_batch_size, running, split_for_process,
 )
-from mmgpt.data.records import read_jsonl
+from mmgpt.data.formats import read_samples
 from mmgpt.estimate import ModelCosts, peak_flops_of
 from mmgpt.lora import add_lora, is_adapter, merge_lora
 from mmgpt.modeling import MMGPTForConditionalGeneration
@@ -118,8 +118,11 @@ class _StopFlag:
 
 
 def _load_data(config: Config) -> tuple[list, list, list[str]]:
-    train_samples, skipped = read_jsonl(config.data.train, config.data.skip_bad_records)
-    eval_samples, eval_skipped = read_jsonl(config.data.eval, config.data.skip_bad_records) if config.data.eval else ([], [])
+    data = config.data
+    train_samples, skipped = read_samples(data.train, data.format, data.image_folder, data.skip_bad_records)
+    eval_samples, eval_skipped = (
+        read_samples(data.eval, data.format, data.image_folder, data.skip_bad_records) if data.eval else ([], [])
+    )
     return train_samples, eval_samples, skipped + eval_skipped
 
 

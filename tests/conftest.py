@@ -9,7 +9,7 @@ import torch
 
 from mmgpt.build import build
 from mmgpt.config import Config, load_config
-from mmgpt.data.records import read_jsonl
+from mmgpt.data.formats import read_jsonl
 from mmgpt.data.shapes import write_shapes
 
 TINY_OVERRIDES = [

@@ -16,7 +16,7 @@ import pytest
 from mmgpt import checkpoint
 from mmgpt.build import build
 from mmgpt.config import load_config
-from mmgpt.data.records import read_jsonl
+from mmgpt.data.formats import read_jsonl
 from mmgpt.data.loader import batch_indices, split_for_process
 from mmgpt.train import TrainingError, train
 

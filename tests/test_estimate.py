@@ -13,7 +13,7 @@ from mmgpt.build import build
 from mmgpt.config import load_config
 from mmgpt.data.collate import collate
 from mmgpt.data.dataset import EncodedDataset
-from mmgpt.data.records import read_jsonl
+from mmgpt.data.formats import read_jsonl
 from mmgpt.estimate import ModelCosts, estimate
 from mmgpt.lora import add_lora
 from mmgpt.train import parameter_groups

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from mmgpt.data.records import RecordError, read_jsonl
+from mmgpt.data.formats import read_jsonl
+from mmgpt.data.records import RecordError
 
 
 def write(tmp_path, lines, name="data.jsonl"):

@@ -1,4 +1,4 @@
-"""JSONL records -> `Sample`s: the one place that knows the on-disk formats and checks them.
+"""Records -> `Sample`s: the one place that checks a record (readers of every format, `formats.py`, call it).
 
 Interleaved document: {"content": [{"type": "text", "text": ...}, {"type": "image", "image": "img/1.png"}, ...]}
 Chat: {"messages": [{"role": "system"|"user"|"assistant", "content": [items] or "plain text"}, ...]}
@@ -14,8 +14,10 @@ from typing import Any, Iterator, Union
 
 from PIL import Image
 
+from mmgpt.images import ImageBytes
+
 ROLES = ("system", "user", "assistant")
-ImageRef = Union[str, Path, Image.Image]
+ImageRef = Union[str, Path, Image.Image, ImageBytes]
 
 
 class RecordError(ValueError):
@@ -79,7 +81,7 @@ def _parse_items(content: Any, base_dir: Path | None, where: str) -> list[Segmen
 
 
 def _resolve_image(image: Any, base_dir: Path | None, where: str) -> ImageRef:
-    if isinstance(image, Image.Image):
+    if isinstance(image, (Image.Image, ImageBytes)):
         return image
     if not isinstance(image, (str, Path)) or not str(image):
         raise RecordError(f"{where}: image item needs an 'image' path")
@@ -112,29 +114,6 @@ def parse_record(record: Any, base_dir: Path | None = None, where: str = "<memor
     if "content" in record:
         return Sample([Turn(None, _parse_items(record["content"], base_dir, where))], where)
     raise RecordError(f"{where}: a record needs 'messages' (chat) or 'content' (document)")
-
-
-def read_jsonl(path: str | Path, skip_bad: bool = False) -> tuple[list[Sample], list[str]]:
-    """All samples of a JSONL file, plus the errors of skipped records (only when `skip_bad`, never silently)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    samples, skipped = [], []
-    for line_number, line in enumerate(iter_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name} line {line_number}"
-        try:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RecordError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-            samples.append(parse_record(record, path.parent, where))
-        except RecordError as error:
-            if not skip_bad:
-                raise
-            skipped.append(str(error))
-    return samples, skipped
 
 
 def iter_lines(path: Path) -> Iterator[str]:
