@@ -27,6 +27,18 @@ def _data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_shard(args: argparse.Namespace) -> int:
+    from mmgpt.data.formats import iter_samples, sample_record
+    from mmgpt.data.shards import write_shards
+
+    skipped: list[str] = []
+    samples = iter_samples(args.input, args.format, args.image_folder, args.skip_bad_records, skipped)
+    index = write_shards(samples, Path(args.out), args.shard_size, sample_record)
+    print(f"wrote {len(index['shards'])} shard(s) of up to {args.shard_size} samples, {index['samples']} in all, to "
+          f"{args.out}" + (f"; skipped {len(skipped)} bad record(s), first: {skipped[0]}" if skipped else ""))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from mmgpt.config import load_config
     from mmgpt.train import train
@@ -164,6 +176,16 @@ def parser() -> argparse.ArgumentParser:
     convert.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
     convert.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
     convert.set_defaults(run=_data_convert)
+
+    shard = data.add_parser("shard", help="any known format -> tar shards with images inside, for streaming training")
+    shard.add_argument("input", help="data file or folder")
+    shard.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and mmgpt-shards.json")
+    shard.add_argument("--shard-size", type=int, default=10_000, help="samples a shard (at least one shard per "
+                                                                      "process x worker that will read them)")
+    shard.add_argument("--format", default="", help="jsonl, llava, hf or webdataset (default: detected)")
+    shard.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
+    shard.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
+    shard.set_defaults(run=_data_shard)
 
     train = commands.add_parser("train", help="train (resumes from the newest checkpoint of the run)")
     train.add_argument("config", help="YAML config, e.g. configs/tiny-shapes.yaml")

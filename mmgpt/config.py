@@ -22,6 +22,7 @@ class DataConfig:
     eval: str = ""
     format: str = ""  # "" = detect from the file or folder; jsonl, llava, hf, webdataset (see mmgpt/data/formats.py)
     image_folder: str = ""  # image paths are relative to this folder; "" = the data file's folder
+    shuffle_buffer: int = 1000  # samples each stream of shards shuffles through (format shards)
     skip_bad_records: bool = False  # skip (and count, and report) bad records instead of stopping
     max_length: int = 0  # longest sample in tokens; 0 = the decoder's context length
 

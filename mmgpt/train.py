@@ -13,8 +13,9 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import yaml
@@ -25,11 +26,13 @@ from tqdm.auto import tqdm
 from mmgpt import checkpoint
 from mmgpt.build import build
 from mmgpt.config import Config
-from mmgpt.data.dataset import EncodedDataset
+from mmgpt.data.dataset import EncodedDataset, SampleEncoder
+from mmgpt.data.formats import detect_format, iter_samples, read_samples
 from mmgpt.data.loader import (
     StepSampler, batch_loader, default_num_workers, micro_batch_size, running, split_for_process,
 )
-from mmgpt.data.formats import read_samples
+from mmgpt.data.records import Sample
+from mmgpt.data.shards import ShardStream, shard_index
 from mmgpt.estimate import ModelCosts, peak_flops_of
 from mmgpt.lora import add_lora, is_adapter, merge_lora
 from mmgpt.modeling import MMGPTForConditionalGeneration
@@ -117,17 +120,27 @@ class _StopFlag:
             signal.signal(number, handler)
 
 
-def _load_data(config: Config) -> tuple[list, list, list[str]]:
+TOKENIZER_SAMPLES = 10_000  # a stream's first samples, whose text trains a new BPE tokenizer
+
+
+def _load_data(config: Config) -> tuple[list, list, list[str], Path | None]:
+    """Training and eval samples, or for a stream of shards no training samples and the shards' folder: nothing of
+    a stream is read here."""
     data = config.data
-    train_samples, skipped = read_samples(data.train, data.format, data.image_folder, data.skip_bad_records)
+    format = data.format or (detect_format(Path(data.train)) if Path(data.train).exists() else "")
+    stream = Path(data.train) if format == "shards" else None
+    train_samples, skipped = read_samples(data.train, data.format, data.image_folder, data.skip_bad_records) \
+        if stream is None else ([], [])
     eval_samples, eval_skipped = (
-        read_samples(data.eval, data.format, data.image_folder, data.skip_bad_records) if data.eval else ([], [])
+        read_samples(data.eval, "", data.image_folder, data.skip_bad_records) if data.eval else ([], [])
     )
-    return train_samples, eval_samples, skipped + eval_skipped
+    return train_samples, eval_samples, skipped + eval_skipped, stream
 
 
-def _texts(samples: list) -> list[str]:
-    return [segment.text for sample in samples for turn in sample.turns for segment in turn.segments if not segment.is_image]
+def _texts(samples: Iterable[Sample]) -> Iterator[str]:
+    """The training text, read only if a new tokenizer is trained on it."""
+    return (segment.text for sample in samples for turn in sample.turns for segment in turn.segments
+            if not segment.is_image)
 
 
 def _supervised_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,25 +210,27 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     set_seed(config.seed, device_specific=True)  # each process its own dropout stream, restored on resume
     log = accelerator.print
 
-    train_samples, eval_samples, skipped = _load_data(config)
+    train_samples, eval_samples, skipped, stream = _load_data(config)
     resume_from = checkpoint.latest_checkpoint(output_dir)
     resume_state = check_resumable(resume_from, accelerator) if resume_from is not None else None
-    processor, model = build(config.model, _texts(train_samples), resume_from)
+    texts = _texts(islice(iter_samples(stream, "shards"), TOKENIZER_SAMPLES) if stream else train_samples)
+    processor, model = build(config.model, texts, resume_from)
     if config.train.lora.r:
         add_lora(model, config.train.lora)
     if config.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
     max_length = config.data.max_length or model.config.text_config.max_position_embeddings
-    train_set = EncodedDataset(train_samples, processor, max_length, config.data.skip_bad_records)
+    train_set = EncodedDataset([] if stream else train_samples, processor, max_length, config.data.skip_bad_records)
     eval_set = EncodedDataset(eval_samples, processor, max_length, config.data.skip_bad_records)
     skipped += train_set.skipped + eval_set.skipped
+    train_count = f"{shard_index(stream)['samples']} streamed" if stream else str(len(train_set))
     if skipped:
         log(f"skipped {len(skipped)} bad record(s) (data.skip_bad_records=true); first: {skipped[0]}")
 
     groups = parameter_groups(model, config)
     costs = ModelCosts.of(model)
     log(
-        f"data: {len(train_set)} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
+        f"data: {train_count} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
         f"parameters ({costs.trainable / 1e6:.2f}M trained), {model.num_image_tokens} tokens per image; "
         f"precision: {accelerator.mixed_precision}; {accelerator.distributed_type.value}: batch "
         f"{config.train.batch_size} = {world} process(es) x "
@@ -227,8 +242,18 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 
+    workers = config.train.num_workers
+    if workers < 0:
+        workers = default_num_workers(accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+    streams_count = world * max(1, workers) if stream is not None else None
     step = 0
     if resume_from is not None:
+        if resume_state.get("data_streams") != streams_count:
+            raise TrainingError(
+                f"{resume_from} read its data as {resume_state.get('data_streams')} stream(s) and this launch would "
+                f"read {streams_count}: a stream resumes exactly only on the same processes x train.num_workers"
+            )
         checkpoint.check_pickles(resume_from)
         accelerator.load_state(str(resume_from), load_kwargs={"weights_only": True})
         step = resume_state["step"]
@@ -257,7 +282,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                 accelerator.unwrap_model(model).config.save_pretrained(folder)
                 checkpoint.save_trainer_state(folder, {
                     "step": step, "samples_skipped": len(skipped), "num_processes": world,
-                    "distributed_type": accelerator.distributed_type.value,
+                    "distributed_type": accelerator.distributed_type.value, "data_streams": streams_count,
                 })
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -273,10 +298,6 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         if accelerator.is_main_process:
             checkpoint.prune(output_dir, config.train.keep_checkpoints)
         accelerator.wait_for_everyone()
-
-    workers = config.train.num_workers
-    if workers < 0:
-        workers = default_num_workers(accelerator.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -306,9 +327,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     progress = tqdm(total=config.train.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     first_step = step
-    sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
-                          world, accum, rank)
-    loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device)
+    if stream is not None:
+        streams = ShardStream(stream, SampleEncoder(processor, max_length, config.data.skip_bad_records), config.seed,
+                              config.data.shuffle_buffer, micro_size, step * accum, rank, world)
+        loader = batch_loader(streams, None, processor.special.pad, workers, accelerator.device, batch_size=micro_size)
+    else:
+        sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
+                              world, accum, rank)
+        loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device)
     with _StopFlag() as stop, running(loader) as batches:
         while step < config.train.max_steps:
             step_started = time.perf_counter()

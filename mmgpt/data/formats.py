@@ -10,6 +10,7 @@ checks, errors and image rules (paths may not leave the image folder; decompress
   hf           a Hugging Face dataset saved locally (`save_to_disk` folder, or parquet): "images" with "texts"
                [{user, assistant}] (the_cauldron) or "messages" with {"type": "image"} items (TRL)
   webdataset   caption shards: a .tar (or a folder of them) of KEY.jpg|png|webp + KEY.txt or KEY.json
+  shards       ours, from `mmgpt data shard`: tar shards of KEY.json records with their images inside, for streaming
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mmgpt.data.records import RecordError, Sample, iter_lines, parse_record
+from mmgpt.data.shards import SHARD_INDEX, read_shard, shard_paths
 from mmgpt.images import ImageBytes
 
 PLACEHOLDER = "<image>"
@@ -41,26 +43,35 @@ def read_samples(path: str | Path, format: str = "", image_folder: str = "", ski
                  ) -> tuple[list[Sample], list[str]]:
     """All samples of a data file or folder in any known format, plus the errors of skipped records (only when
     `skip_bad`, never silently)."""
+    skipped: list[str] = []
+    return list(iter_samples(path, format, image_folder, skip_bad, skipped)), skipped
+
+
+def iter_samples(path: str | Path, format: str = "", image_folder: str = "", skip_bad: bool = False,
+                 skipped: list[str] | None = None) -> Iterator[Sample]:
+    """The samples one by one, for sets too large to hold (`mmgpt data shard`); skipped records' errors are
+    appended to `skipped`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data not found: {path}")
     format = format or detect_format(path)
     if format not in READERS:
         raise RecordError(f"{path}: unknown data format {format!r}; known: {', '.join(READERS)}")
-    samples, skipped = [], []
     for make_record, base_dir, where in READERS[format](path, Path(image_folder) if image_folder else None):
         try:
-            samples.append(parse_record(make_record(), base_dir, where))
+            yield parse_record(make_record(), base_dir, where)
         except RecordError as error:
             if not skip_bad:
                 raise
-            skipped.append(str(error))
-    return samples, skipped
+            if skipped is not None:
+                skipped.append(str(error))
 
 
 def detect_format(path: Path) -> str:
     """The format from the file or folder itself; a clear error naming the known ones when nothing fits."""
     if path.is_dir():
+        if (path / SHARD_INDEX).is_file():
+            return "shards"
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or any(path.glob("*.parquet")):
             return "hf"
         if any(path.glob("*.tar")):
@@ -276,8 +287,14 @@ def _trl_record(messages: Any, images: list, where: str) -> dict:
     return {"messages": converted}
 
 
+def _shards(path: Path, image_folder: Path | None) -> Iterator[Located]:
+    for shard in shard_paths(path):
+        for make_record, where in read_shard(shard):
+            yield make_record, None, where
+
+
 READERS: dict[str, Callable[[Path, Path | None], Iterator[Located]]] = {
-    "jsonl": _ours, "llava": _llava, "hf": _hf, "webdataset": _webdataset,
+    "jsonl": _ours, "llava": _llava, "hf": _hf, "webdataset": _webdataset, "shards": _shards,
 }
 
 
@@ -295,7 +312,7 @@ def write_jsonl(samples: list[Sample], out: Path) -> Path:
             return str(image.resolve().relative_to(folder))
         written += 1
         if isinstance(image, ImageBytes):
-            target = folder / "images" / f"{written:08d}{_suffix_of(image.data)}"
+            target = folder / "images" / f"{written:08d}{suffix_of(image.data)}"
             target.write_bytes(image.data)
         else:
             target = folder / "images" / f"{written:08d}{Path(image).suffix}"
@@ -304,15 +321,19 @@ def write_jsonl(samples: list[Sample], out: Path) -> Path:
 
     with open(out, "w", encoding="utf-8") as handle:
         for sample in samples:
-            turns = [{"role": turn.role, "content": [
-                {"type": "image", "image": place(segment.image)} if segment.is_image else {"type": "text", "text": segment.text}
-                for segment in turn.segments]} for turn in sample.turns]
-            record = {"messages": turns} if sample.is_chat else {"content": turns[0]["content"]}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(sample_record(sample, place), ensure_ascii=False) + "\n")
     return out
 
 
-def _suffix_of(data: bytes) -> str:
+def sample_record(sample: Sample, place: Callable[[Any], str]) -> dict:
+    """A sample back in our record shape, each image replaced by what `place` makes of it (a path, a member name)."""
+    turns = [{"role": turn.role, "content": [
+        {"type": "image", "image": place(segment.image)} if segment.is_image else {"type": "text", "text": segment.text}
+        for segment in turn.segments]} for turn in sample.turns]
+    return {"messages": turns} if sample.is_chat else {"content": turns[0]["content"]}
+
+
+def suffix_of(data: bytes) -> str:
     for signature, suffix in ((b"\x89PNG", ".png"), (b"\xff\xd8", ".jpg"), (b"RIFF", ".webp"), (b"GIF8", ".gif")):
         if data.startswith(signature):
             return suffix
