@@ -166,6 +166,20 @@ class MMGPT:
         encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
         return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
 
+    def loglikelihood(self, messages: list[dict], continuation: str) -> tuple[float, bool]:
+        """Log-probability of `continuation` as the assistant's reply to `messages`, and whether greedy decoding
+        would write exactly it: how multiple-choice benchmarks score a model."""
+        continuation_ids = self.processor.encode_text(continuation)
+        prompt = self.encode_prompt(messages, max(1, len(continuation_ids)))
+        ids = torch.tensor([prompt.input_ids + continuation_ids], device=self.device)
+        pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids, pixel_values=pixels).logits[0, len(prompt.input_ids) - 1 : -1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(continuation_ids, device=self.device)
+        total = float(log_probs.gather(-1, target[:, None]).sum())
+        return total, bool((log_probs.argmax(-1) == target).all())
+
     def chat(
         self,
         messages: list[dict],

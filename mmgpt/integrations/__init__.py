@@ -1,0 +1,1 @@
+"""Adapters that let other tools drive an mmgpt model (benchmark harnesses)."""
