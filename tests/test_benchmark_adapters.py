@@ -1,5 +1,6 @@
-"""`lmms-eval --model mmgpt` on a local task built from the shapes eval set, offline: its per-sample answers and
-choices are the ones mmgpt's own API gives for the same images and questions."""
+"""Benchmark harnesses driving mmgpt: `lmms-eval --model mmgpt` on a local task built from the shapes eval set,
+offline, and VLMEvalKit's model interface; their answers and scores are the ones mmgpt's own API gives for the same
+images and questions."""
 
 import glob
 import json
@@ -103,3 +104,26 @@ def test_loglikelihood_requests_score_each_choice_as_the_assistants_reply(task):
     assert all(score < 0 for score, _ in scores) and len({round(s, 3) for s, _ in scores}) > len(COLOURS)
     greedy = model.generate([conversation(docs[0])], max_new_tokens=4)[0]
     assert model.loglikelihood(conversation(docs[0]), greedy)[1] is True  # what it writes is what greedy scores
+
+
+def test_vlmevalkit_model_answers_messages_and_chats_as_mmgpt_does(task):
+    from mmgpt.integrations.vlmevalkit import MMGPTVLMEval
+
+    model_dir, docs, _ = task
+    adapter = MMGPTVLMEval(str(model_dir), device="cpu", max_new_tokens=8)
+    model = MMGPT.from_pretrained(model_dir, device="cpu")
+    for doc in docs[:3]:
+        message = [{"type": "image", "value": doc["image"]}, {"type": "text", "value": doc["question"]}]
+        expected = model.chat([{"role": "user", "content": [{"type": "image", "image": doc["image"]},
+                                                            {"type": "text", "text": doc["question"]}]}], max_new_tokens=8)
+        assert adapter.generate_inner(message) == expected
+    chat = [{"role": "user", "content": [{"type": "image", "value": docs[0]["image"]},
+                                         {"type": "text", "value": docs[0]["question"]}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "red"}]},
+            {"role": "user", "content": [{"type": "text", "value": "And the shape?"}]}]
+    assert adapter.chat_inner(chat) == model.chat(
+        [{"role": "user", "content": [{"type": "image", "image": docs[0]["image"]},
+                                      {"type": "text", "text": docs[0]["question"]}]},
+         {"role": "assistant", "content": "red"}, {"role": "user", "content": "And the shape?"}], max_new_tokens=8)
+    with pytest.raises(ValueError, match="not 'video'"):
+        adapter.generate_inner([{"type": "video", "value": "clip.mp4"}])
