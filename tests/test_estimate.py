@@ -18,7 +18,7 @@ from mmgpt.estimate import ModelCosts, estimate
 from mmgpt.lora import add_lora
 from mmgpt.train import parameter_groups
 
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real recipe's architecture with nothing to download: GPT-2 small's shape from transformers' defaults.

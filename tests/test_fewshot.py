@@ -10,7 +10,7 @@ import torch
 
 from mmgpt.data.collate import collate
 from mmgpt.data.episodes import made_up_words, pick_categories, pick_words
-from mmgpt.data.eval_records import normalise, read_eval_items
+from mmgpt.data.eval_records import read_eval_items
 from mmgpt.data.records import RecordError, parse_record
 from mmgpt.data.scenes import COLOURS
 from mmgpt.data.shapes import pair_question, write_shapes

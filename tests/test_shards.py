@@ -3,7 +3,6 @@ with no duplicates, resumed exactly, and with start-up and memory that do not gr
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys

@@ -123,7 +123,7 @@ def test_gradient_accumulation_equals_one_big_batch(shapes_dir, tmp_path):
 
 def test_resumed_and_fresh_runs_save_the_same_generation_settings(shapes_dir, tmp_path):
     overrides = ["train.max_steps=2", "train.save_every=1", "data.eval="]
-    fresh = train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
+    train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
     (tmp_path / "fresh" / "final").rename(tmp_path / "fresh-final")
     shutil.rmtree(tmp_path / "fresh" / "checkpoints" / "step-2")
     resumed = train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))

@@ -7,7 +7,6 @@ Image paths are relative to the JSONL file and must stay inside its folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
