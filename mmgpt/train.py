@@ -148,6 +148,15 @@ def _supervised_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+def _counts(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """(supervised tokens, tokens, images) of this process's micro-batches, to be summed over processes at once."""
+    return torch.stack([
+        sum(_supervised_tokens(batch) for batch in micro_batches),
+        sum(batch["attention_mask"].sum() for batch in micro_batches),
+        torch.tensor(sum(len(batch.get("pixel_values", ())) for batch in micro_batches), device=device),
+    ])
+
+
 def _sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
@@ -341,7 +350,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             micro_batches = [to_device(next(batches)) for _ in range(accum)]
             # The loss is a sum over the supervised tokens of the whole global batch divided by their count, so a
             # step's gradient is the same on 1 process or N, in one batch or in accumulated micro-batches.
-            global_tokens = accelerator.reduce(torch.stack([_supervised_tokens(b) for b in micro_batches]).sum(), "sum")
+            global_tokens, tokens, images = accelerator.reduce(_counts(micro_batches, accelerator.device), "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
             for batch in micro_batches:
                 with accelerator.accumulate(model):
@@ -368,9 +377,6 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
 
-            tokens = accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum")
-            images = accelerator.reduce(torch.tensor(sum(len(b.get("pixel_values", ())) for b in micro_batches),
-                                                     device=accelerator.device), "sum")
             step_seconds = time.perf_counter() - step_started
             flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size) / step_seconds
             record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
