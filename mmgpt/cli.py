@@ -149,6 +149,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_input(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a command that reads a data set in any known format."""
+    command.add_argument("input", help="data file or folder")
+    command.add_argument("--format", default="", help="jsonl, llava, hf, webdataset or shards (default: detected)")
+    command.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
+    command.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
+    return command
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmgpt", description="A small, hackable vision-language GPT.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -168,23 +177,17 @@ def parser() -> argparse.ArgumentParser:
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
 
-    convert = data.add_parser("convert", help="any known format (LLaVA, ShareGPT, HF datasets, webdataset) -> our JSONL")
-    convert.add_argument("input", help="data file or folder")
+    convert = _data_input(data.add_parser(
+        "convert", help="any known format (LLaVA, ShareGPT, HF datasets, webdataset) -> our JSONL"))
     convert.add_argument("--to", choices=["jsonl"], default="jsonl")
     convert.add_argument("--out", required=True, help="JSONL to write; images outside its folder go to images/ beside it")
-    convert.add_argument("--format", default="", help="jsonl, llava, hf or webdataset (default: detected)")
-    convert.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
-    convert.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
     convert.set_defaults(run=_data_convert)
 
-    shard = data.add_parser("shard", help="any known format -> tar shards with images inside, for streaming training")
-    shard.add_argument("input", help="data file or folder")
+    shard = _data_input(data.add_parser(
+        "shard", help="any known format -> tar shards with images inside, for streaming training"))
     shard.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and mmgpt-shards.json")
     shard.add_argument("--shard-size", type=int, default=10_000, help="samples a shard (at least one shard per "
                                                                       "process x worker that will read them)")
-    shard.add_argument("--format", default="", help="jsonl, llava, hf or webdataset (default: detected)")
-    shard.add_argument("--image-folder", default="", help="folder the input's image paths are relative to")
-    shard.add_argument("--skip-bad-records", action="store_true", help="skip (and count) bad records")
     shard.set_defaults(run=_data_shard)
 
     train = commands.add_parser("train", help="train (resumes from the newest checkpoint of the run)")
