@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 from typing import Iterable
 
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+import torch
+from safetensors import SafetensorError
+from transformers import CONFIG_MAPPING, AutoConfig, GenerationConfig, PretrainedConfig
 
-from mmgpt.config import ModelConfig, TextConfig
+from mmgpt.config import ConfigError, ModelConfig, TextConfig
 from mmgpt.images import ImageTransform
 from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
-from mmgpt.processing import MMGPTProcessor
+from mmgpt.processing import PROCESSOR_FILE, MMGPTProcessor
 from mmgpt.tokenizer import SpecialTokens, load_decoder_tokenizer, train_bpe_tokenizer
 from mmgpt.vision import VisionEncoder
 
@@ -30,13 +34,58 @@ def build(
     if resume_from is not None:
         processor = MMGPTProcessor.from_pretrained(resume_from)
         model = MMGPTForConditionalGeneration(MMGPTConfig.from_pretrained(resume_from))
+        check_parts(processor, model, resume_from)
     elif config.init_from:
-        processor = MMGPTProcessor.from_pretrained(config.init_from)
-        model = MMGPTForConditionalGeneration.from_pretrained(config.init_from)
+        processor, model = load_saved(config.init_from)
     else:
         processor, model = _new(config, training_texts)
     model.generation_config = generation_config(processor.special)
     return processor, model
+
+
+def load_saved(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MMGPTProcessor, MMGPTForConditionalGeneration]:
+    """A `save_pretrained` folder's processor and model, checked against each other; a file that cannot be read
+    is named."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no mmgpt model in {folder} (expected config.json, model.safetensors, tokenizer)")
+    processor = MMGPTProcessor.from_pretrained(folder)
+    config = MMGPTConfig.from_pretrained(folder)
+    check_parts(processor, config, folder)
+    try:
+        model = MMGPTForConditionalGeneration.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True)
+    except SafetensorError as error:
+        raise ValueError(f"{folder / 'model.safetensors'} cannot be read: {error}") from None
+    check_parts(processor, model, folder)
+    return processor, model
+
+
+def check_parts(processor: MMGPTProcessor, model: MMGPTConfig | MMGPTForConditionalGeneration, folder: Path) -> None:
+    """A saved model's files must agree with each other: otherwise the first chat fails far from the cause.
+
+    Given the config alone, checks what the config and processor say; given the built model, also the sizes it has.
+    """
+    config = model if isinstance(model, MMGPTConfig) else model.config
+    image_token_id, vocab = config.image_token_id, config.text_config.vocab_size
+    if not 0 <= image_token_id < vocab:
+        raise ValueError(f"{folder / 'config.json'}: image_token_id {image_token_id} is outside the decoder's vocabulary "
+                         f"(text_config.vocab_size {vocab})")
+    if image_token_id != processor.special.image:
+        token = processor.tokenizer.convert_ids_to_tokens(image_token_id)
+        raise ValueError(f"{folder / 'config.json'}: image_token_id {image_token_id} is the tokenizer's {token!r}, not "
+                         f"'<|image|>' (id {processor.special.image}); the tokenizer and config.json do not belong together")
+    if len(processor.tokenizer) > vocab:
+        raise ValueError(f"{folder}: the tokenizer has {len(processor.tokenizer)} tokens but config.json's "
+                         f"text_config.vocab_size is {vocab}")
+    if isinstance(model, MMGPTConfig):
+        return
+    if processor.num_image_tokens != model.num_image_tokens:
+        raise ValueError(f"{folder / PROCESSOR_FILE}: num_image_tokens is {processor.num_image_tokens} but the model in "
+                         f"config.json makes {model.num_image_tokens} tokens of each image")
+    image_size = tuple(model.vision.vit.patch_embed.img_size)
+    if tuple(processor.transform.size) != image_size:
+        raise ValueError(f"{folder / PROCESSOR_FILE}: image_size is {list(processor.transform.size)} but the model's "
+                         f"ViT in config.json takes {list(image_size)}")
 
 
 def _new(config: ModelConfig, training_texts: Iterable[str]) -> tuple[MMGPTProcessor, MMGPTForConditionalGeneration]:
@@ -65,9 +114,24 @@ def decoder_config(text: TextConfig, vocab_size: int) -> PretrainedConfig:
     if text.pretrained:
         return AutoConfig.from_pretrained(text.pretrained)
     settings = dict(text.config)
-    text_config = AutoConfig.for_model(settings.pop("model_type", "gpt2"), **settings)
+    model_type = settings.pop("model_type", "gpt2")
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"config key 'model.text.config.model_type': transformers has no decoder type {model_type!r}")
+    _check_keys(CONFIG_MAPPING[model_type], settings)
+    text_config = AutoConfig.for_model(model_type, **settings)
     text_config.vocab_size = max(vocab_size, settings.get("vocab_size", 0))
     return text_config
+
+
+def _check_keys(config_class: type[PretrainedConfig], settings: dict) -> None:
+    """transformers stores any unknown key as an attribute and goes on; a typo must stop the run instead."""
+    known = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+    known |= set(config_class().to_dict())
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"config key 'model.text.config.{key}': {config_class.__name__} has no such setting{hint}")
 
 
 def composite_config(config: ModelConfig, text_config: PretrainedConfig, image_token_id: int) -> MMGPTConfig:

@@ -73,19 +73,22 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
 
 
 def check_pickles(folder: Path) -> None:
-    """Refuse a checkpoint whose RNG-state pickles hold anything but tensors and plain data.
+    """Refuse a checkpoint whose pickled files (RNG states, optimizer, scheduler) hold anything but tensors and
+    plain data, naming the file and what it holds.
 
-    accelerate loads every training-state file with `weights_only=True` and raises on the optimizer and scheduler
-    files, but it swallows a failure to load the RNG states and goes on; here that is a hard error too, so a
-    tampered checkpoint never resumes half-restored.
+    accelerate loads the optimizer and scheduler with `weights_only=True` but ends in torch's advice to retry
+    with `weights_only=False`, and it swallows a failure to load the RNG states and goes on; here both are one
+    error before anything is loaded. Memory-mapped, so an optimizer file is checked without being read.
     """
     from accelerate.utils import load  # torch.load(weights_only=True) that also admits numpy's RNG state
 
-    for path in sorted(folder.glob("*.pkl")):
+    for path in sorted([*folder.glob("*.pkl"), *folder.glob("*.bin")]):
         try:
-            load(path, map_location="cpu", weights_only=True)
+            load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:
-            raise ValueError(f"refusing to load {path}: not a plain weights/state file ({type(error).__name__})") from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            holds = f"it holds {found.group(1)}" if found else type(error).__name__
+            raise ValueError(f"refusing to load {path}: not a plain tensor/state file ({holds})") from None
 
 
 def save_trainer_state(folder: Path, state: dict) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -57,6 +59,16 @@ def _estimate(args: argparse.Namespace) -> int:
     figures = estimate(config, args.gpus, args.gpu, args.mfu, data)
     print(json.dumps(figures) if args.json else format_estimate(figures))
     return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _shot_counts(text: str) -> list[int]:
@@ -160,6 +172,7 @@ def _data_input(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmgpt", description="A small, hackable vision-language GPT.")
+    root.add_argument("--debug", action="store_true", help="show the full traceback of an error (or MMGPT_DEBUG=1)")
     commands = root.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="write a synthetic data set, or convert one").add_subparsers(dest="kind", required=True)
@@ -186,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
     shard = _data_input(data.add_parser(
         "shard", help="any known format -> tar shards with images inside, for streaming training"))
     shard.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and mmgpt-shards.json")
-    shard.add_argument("--shard-size", type=int, default=10_000, help="samples a shard (at least one shard per "
+    shard.add_argument("--shard-size", type=_positive, default=10_000, help="samples a shard (at least one shard per "
                                                                       "process x worker that will read them)")
     shard.set_defaults(run=_data_shard)
 
@@ -199,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", help="parameters, FLOPs, memory per GPU and time of a training config")
     estimate.add_argument("config", help="YAML config, e.g. configs/siglip-gpt2-stage2.yaml")
     estimate.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE")
-    estimate.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the global batch is split over")
+    estimate.add_argument("--gpus", type=_positive, default=1, help="GPUs (processes) the global batch is split over")
     estimate.add_argument("--gpu", default="h100", help="h200, h100, a100, a100-40gb, l40s, l4, a10, v100")
     estimate.add_argument("--mfu", type=float, default=0.35, help="model FLOPs utilisation assumed for the time")
     estimate.add_argument("--data", help="JSONL whose first 1,000 records give tokens and images per sample "
@@ -218,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--support", help="draw the solved examples from this JSONL instead of --data")
     evaluate.add_argument("--seed", type=int, default=0, help="seed for drawing the solved examples")
     evaluate.add_argument("--plot", help="accuracy-against-shots plot (default: beside the checkpoint)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=_positive, default=64)
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(run=_eval)
 
@@ -226,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("checkpoint")
     chat.add_argument("question")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument("--max-new-tokens", type=_positive, default=64)
     chat.add_argument("--device", default=None)
     chat.set_defaults(run=_chat)
 
@@ -240,16 +253,32 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message, with the error's kind when the message alone does not say it."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    kind = type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+        message = f"{message}: {error.filename}"
+    return message if kind in OWN_ERRORS else f"{kind}: {message}"
+
+
+OWN_ERRORS = ("ConfigError", "RecordError", "ImageError", "TrainingError", "ContextTooLongError")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """An error ends in one line naming what was wrong (a bad file, value or argument is the usual cause);
+    `--debug` (or MMGPT_DEBUG=1) adds the traceback."""
     args = parser().parse_args(argv)
-    from mmgpt.config import ConfigError
-    from mmgpt.data.records import RecordError
-    from mmgpt.images import ImageError
+    debug = args.debug or os.environ.get("MMGPT_DEBUG", "") not in ("", "0")
+    from safetensors import SafetensorError
 
     try:
         return args.run(args)
-    except (ConfigError, RecordError, ImageError, FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"mmgpt {args.command}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as error:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or type(error).__name__ in OWN_ERRORS else " (--debug shows the traceback)"
+        print(f"mmgpt {args.command}: error: {_one_line(error)}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmgpt {args.command}: interrupted", file=sys.stderr)

@@ -12,6 +12,9 @@ from typing import Any
 import yaml
 
 
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
@@ -174,4 +177,44 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _apply(config, values)
     for assignment in overrides:
         _set_dotted(config, assignment)
+    check_values(config)
     return config
+
+
+def check_values(config: Config) -> None:
+    """Values each field's type admits but no run can use: one error naming the key and the value."""
+    train, data = config.train, config.data
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("train.max_steps", train.max_steps, train.max_steps >= 1, "at least 1"),
+        ("train.batch_size", train.batch_size, train.batch_size >= 1, "at least 1"),
+        ("train.grad_accum_steps", train.grad_accum_steps, train.grad_accum_steps >= 1, "at least 1"),
+        ("train.lr", train.lr, train.lr >= 0, "0 or more"),
+        ("train.weight_decay", train.weight_decay, train.weight_decay >= 0, "0 or more"),
+        ("train.warmup_steps", train.warmup_steps, train.warmup_steps >= 0, "0 or more"),
+        ("train.min_lr_ratio", train.min_lr_ratio, 0 <= train.min_lr_ratio <= 1, "between 0 and 1"),
+        ("train.max_grad_norm", train.max_grad_norm, train.max_grad_norm >= 0, "0 (no clipping) or more"),
+        ("train.mixed_precision", train.mixed_precision, train.mixed_precision in MIXED_PRECISION,
+         f"one of {', '.join(MIXED_PRECISION)}"),
+        ("train.eval_every", train.eval_every, train.eval_every >= 1, "at least 1"),
+        ("train.eval_batches", train.eval_batches, train.eval_batches >= 1, "at least 1"),
+        ("train.save_every", train.save_every, train.save_every >= 1, "at least 1"),
+        ("train.keep_checkpoints", train.keep_checkpoints, train.keep_checkpoints >= 1, "at least 1"),
+        ("train.max_bad_steps", train.max_bad_steps, train.max_bad_steps >= 1, "at least 1"),
+        ("train.num_workers", train.num_workers, train.num_workers >= -1, "-1 (automatic) or more"),
+        ("train.num_threads", train.num_threads, train.num_threads >= 0, "0 (torch's default) or more"),
+        ("train.peak_tflops", train.peak_tflops, train.peak_tflops >= 0, "0 (automatic) or more"),
+        ("train.lora.r", train.lora.r, train.lora.r >= 0, "0 (no adapters) or more"),
+        ("train.lora.dropout", train.lora.dropout, 0 <= train.lora.dropout < 1, "in [0, 1)"),
+        ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
+        ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
+        ("model.projector_shuffle_factor", config.model.projector_shuffle_factor,
+         config.model.projector_shuffle_factor >= 1, "at least 1"),
+        ("model.projector_pool_size", config.model.projector_pool_size, config.model.projector_pool_size >= 0,
+         "0 (no pooling) or more"),
+    ]
+    for key, value, ok, wanted in rules:
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {wanted}, got {value!r}")
+    for name, multiplier in train.lr_multipliers.items():
+        if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool) or multiplier < 0:
+            raise ConfigError(f"config key 'train.lr_multipliers.{name}' must be a number, 0 or more, got {multiplier!r}")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import torch
 from transformers import TextIteratorStreamer
 
+from mmgpt.build import load_saved
 from mmgpt.data.collate import collate
 from mmgpt.data.records import Sample, parse_record
 from mmgpt.modeling import MMGPTForConditionalGeneration
@@ -31,6 +32,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_messages(messages: Any) -> None:
+    """A conversation is a non-empty list of message dicts; a bare string is the commonest slip, so say what to pass."""
+    if isinstance(messages, str):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got the string "
+                         f"{messages!r:.60}: pass [{{'role': 'user', 'content': {messages!r:.40}}}]")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} dicts, got {messages!r:.80}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {index} must be a {{'role': ..., 'content': ...}} dict, got {message!r:.80}")
+
+
+def check_generation(max_new_tokens: Any, do_sample: Any, temperature: Any, top_p: Any) -> None:
+    """Generation settings, checked before any work: one error naming the setting and the value."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number, 0 or more, got {temperature!r}")
+    if do_sample and temperature == 0:
+        raise ValueError("temperature 0 with do_sample=True: sampling needs a temperature above 0 (or do_sample=False)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
 class MMGPT:
     """A loaded model and its processor. One object may be shared across threads: calls are serialised."""
 
@@ -43,12 +70,9 @@ class MMGPT:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MMGPT":
         """Load a `save_pretrained` folder (e.g. OUTPUT_DIR/final). Device: CUDA if present, else CPU."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no mmgpt model in {path} (expected config.json, model.safetensors, tokenizer)")
         device = torch.device(device) if device is not None else default_device()
-        model = MMGPTForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
-        return cls(model.to(device), MMGPTProcessor.from_pretrained(path), str(path))
+        processor, model = load_saved(path, dtype or torch.float32)
+        return cls(model.to(device), processor, str(path))
 
     @property
     def device(self) -> torch.device:
@@ -59,8 +83,7 @@ class MMGPT:
         return self.model.config.text_config.max_position_embeddings
 
     def _sample(self, messages: list[dict]) -> Sample:
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        check_messages(messages)
         return parse_record({"messages": messages}, base_dir=None, where="messages")
 
     def _tokenize_prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
@@ -124,6 +147,9 @@ class MMGPT:
         """Continue several interleaved documents (text and images, as in training data) in one left-padded batch:
         the text the model writes next, up to where it would place an image or end the document (or
         `max_new_tokens`)."""
+        check_generation(max_new_tokens, do_sample, temperature, top_p)
+        if not isinstance(documents, list) or not documents:
+            raise ValueError(f"documents must be a non-empty list of documents (lists of items), got {documents!r:.80}")
         encoded = [self.encode_document(content, max_new_tokens) for content in documents]
         return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p, document=True)
 
@@ -163,6 +189,11 @@ class MMGPT:
         top_p: float = 1.0,
     ) -> list[str]:
         """Answer several conversations in one left-padded batch (each cut to fit by `fit_to_context`)."""
+        check_generation(max_new_tokens, do_sample, temperature, top_p)
+        if not isinstance(conversations, list) or not conversations:
+            raise ValueError(f"conversations must be a non-empty list of message lists, got {conversations!r:.80}")
+        for conversation in conversations:
+            check_messages(conversation)
         encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
         return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
 
@@ -190,8 +221,10 @@ class MMGPT:
         stream: bool = False,
     ) -> str | Iterator[str]:
         """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
+        check_messages(messages)
         if not stream:
             return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
+        check_generation(max_new_tokens, do_sample, temperature, top_p)
         encoded = self._encode_fitted(messages, max_new_tokens)
         batch = collate([encoded], self.processor.special.pad, padding_side="left")
         kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms import InterpolationMode
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmgpt.data.records import Sample, Turn
@@ -126,12 +127,24 @@ class MMGPTProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "MMGPTProcessor":
-        folder = Path(folder)
-        settings: dict[str, Any] = json.loads((folder / PROCESSOR_FILE).read_text())
-        transform = ImageTransform(
-            size=tuple(settings["image_size"]),
-            mean=tuple(settings["image_mean"]),
-            std=tuple(settings["image_std"]),
-            interpolation=settings["interpolation"],
-        )
-        return cls(AutoTokenizer.from_pretrained(folder), transform, settings["num_image_tokens"])
+        path = Path(folder) / PROCESSOR_FILE
+        try:
+            settings: dict[str, Any] = json.loads(path.read_text())
+            transform = ImageTransform(
+                size=(int(settings["image_size"][0]), int(settings["image_size"][1])),
+                mean=tuple(float(value) for value in settings["image_mean"]),
+                std=tuple(float(value) for value in settings["image_std"]),
+                interpolation=InterpolationMode(settings["interpolation"]).value,
+            )
+            num_image_tokens = settings["num_image_tokens"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: is {folder} a folder saved by mmgpt?") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        except KeyError as error:
+            raise ValueError(f"{path}: missing field {error}") from None
+        except (TypeError, ValueError, IndexError) as error:
+            raise ValueError(f"{path}: a field has the wrong form ({error})") from None
+        if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 1:
+            raise ValueError(f"{path}: num_image_tokens must be a whole number of at least 1, got {num_image_tokens!r}")
+        return cls(AutoTokenizer.from_pretrained(folder), transform, num_image_tokens)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
 from mmgpt.build import build
-from mmgpt.config import Config
+from mmgpt.config import Config, check_values
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
 from mmgpt.data.loader import (
@@ -203,6 +203,7 @@ def check_resumable(folder: Path, accelerator: Accelerator) -> dict:
 
 def train(config: Config, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train per `config`, resuming from the newest checkpoint in `config.output_dir` if there is one."""
+    check_values(config)
     output_dir = Path(config.output_dir)
     accum = config.train.grad_accum_steps
     accelerator = Accelerator(

@@ -71,6 +71,11 @@ def _parse_items(content: Any, base_dir: Path | None, where: str) -> list[Segmen
         if item["type"] == "text":
             if not isinstance(item.get("text"), str):
                 raise RecordError(f"{where}: text item {position} has no 'text' string")
+            try:
+                item["text"].encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate: valid in JSON and Python strings, not in Unicode text
+                raise RecordError(f"{where}: text item {position} holds {error.object[error.start]!r} at character "
+                                  f"{error.start}, half of a UTF-16 pair, which is not text") from None
             segments.append(Segment(text=item["text"]))
         else:
             segments.append(Segment(image=_resolve_image(item.get("image"), base_dir, where)))
