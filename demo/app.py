@@ -6,16 +6,71 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
+from PIL import Image
+from python_multipart.multipart import parse_options_header
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
 
 from mmgpt import MMGPT, ContextTooLongError, ImageError, load_image
+from mmgpt.images import ImageTransform
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context
+IMAGE_RECEIVED = NOTICE + "Image received. Now ask a question about it."  # the one notice whose message stays
 MAX_FILE_SIZE = "5mb"
+MAX_FILE_BYTES = 5 * 1024 * 1024
+MAX_IMAGES_PER_MESSAGE = 4
+MAX_IMAGE_PIXELS = 16_000_000  # one picture, decoded: a 12-Mpx phone photo fits, a 9000x9000 PNG does not
+MAX_CHAT_PIXELS = 64_000_000  # every picture of one chat, decoded
+UPLOAD_CACHE_BYTES = 256 * 1024 * 1024  # this demo's stored uploads; beyond it uploads wait for the cleanup
+CACHE_CLEANUP = (300, 3600)  # every 5 minutes delete uploads older than an hour; all of them at shutdown
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+IMAGE_KINDS = "PNG, JPEG, GIF, WebP or BMP"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+
+
+class ChatImages:
+    """Each uploaded picture decoded once and kept at the model's input size: a chat's history then costs
+    kilobytes, a follow-up question decodes nothing, and the server's memory does not grow with megapixels."""
+
+    def __init__(self, transform: ImageTransform, capacity: int = 512):
+        self.transform = transform
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def pixels(self, path: str) -> int:
+        """Decoded size of a picture, from its header alone (or from the cache). Raises `ImageError`."""
+        with self._lock:
+            if path in self._items:
+                return self._items[path][1]
+        try:
+            with Image.open(path) as image:
+                return image.size[0] * image.size[1]
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ImageError(f"image '{Path(path).name}' cannot be read: {error}") from None
+
+    def small(self, path: str) -> Image.Image:
+        """The picture at the model's input size. Raises `ImageError`."""
+        with self._lock:
+            if path in self._items:
+                self._items.move_to_end(path)
+                return self._items[path][0]
+        picture = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
+        entry = (self.transform.small(picture), picture.size[0] * picture.size[1])
+        with self._lock:
+            self._items[path] = entry
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return entry[0]
 
 
 def _parts(content: Any) -> list[tuple[str, str]]:
@@ -34,51 +89,80 @@ def _parts(content: Any) -> list[tuple[str, str]]:
     return []
 
 
-def to_messages(history: list[dict], text: str, files: list[str]) -> tuple[list[dict], list[str]]:
-    """Gradio history + the new message -> mmgpt chat messages; also the names of images that could not be read.
+def context_turns(history: list[dict]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """What of a Gradio history the model should see: [(role, parts)], consecutive user messages merged.
 
-    Consecutive user messages merge into one turn; notices from the demo and unreadable images are left out.
+    A message the demo refused (answered with a notice) is left out with its notice, so one refused message never
+    joins later ones; a picture sent alone ("Image received") waits for the question that follows it.
     """
-    messages: list[dict] = []
-    unreadable: list[str] = []
-
-    def add(role: str, items: list[dict]) -> None:
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += items
-        else:
-            messages.append({"role": role, "content": items})
-
-    def image_item(path: str) -> list[dict]:
-        try:
-            return [{"type": "image", "image": load_image(path)}]
-        except ImageError:
-            unreadable.append(Path(path).name)
-            return []
-
+    turns: list[tuple[str, list[tuple[str, str]]]] = []
+    waiting: list[tuple[str, str]] = []  # user parts acknowledged, not yet answered
+    pending: list[tuple[str, str]] = []  # user parts since the last reply
     for message in history:
-        role = message.get("role")
         parts = _parts(message.get("content"))
-        if role == "assistant":
-            reply = "".join(value for kind, value in parts if kind == "text").split("\n\n" + NOTICE)[0]
-            if reply and not reply.startswith(NOTICE):
-                add("assistant", [{"type": "text", "text": reply}])
-        elif role == "user":
-            items = []
-            for kind, value in parts:
-                items += image_item(value) if kind == "file" else [{"type": "text", "text": value}]
-            if items:
-                add("user", items)
-    unreadable.clear()  # earlier turns' bad files were reported when they were sent
-    new_items = [item for path in files for item in image_item(path)]
-    if text:
-        new_items.append({"type": "text", "text": text})
-    if new_items:
-        add("user", new_items)
-    return messages, unreadable
+        if message.get("role") == "user":
+            pending += parts
+            continue
+        if message.get("role") != "assistant":
+            continue
+        reply = "".join(value for kind, value in parts if kind == "text").split("\n\n" + NOTICE)[0]
+        if reply == IMAGE_RECEIVED:
+            waiting, pending = waiting + pending, []
+        elif reply.startswith(NOTICE) or not reply:
+            pending = []
+        else:
+            turns += [("user", waiting + pending), ("assistant", [("text", reply)])]
+            waiting, pending = [], []
+    if waiting + pending:
+        turns.append(("user", waiting + pending))
+    return turns
 
 
 def responder(model: MMGPT):
     """The chat function: streams the reply to the new message, or a notice when the input cannot be answered."""
+    images = ChatImages(model.processor.transform)
+
+    def refusal(text: str, files: list[str], earlier: list[tuple[str, list[tuple[str, str]]]]) -> str | None:
+        """Why the new message cannot go to the model, checked from file headers before any picture is decoded."""
+        if len(files) > MAX_IMAGES_PER_MESSAGE:
+            return f"{len(files)} images in one message; the demo takes at most {MAX_IMAGES_PER_MESSAGE}. Please send fewer."
+        pixels = 0
+        for path in files:
+            try:
+                size = images.pixels(path)
+            except ImageError:
+                return f"Could not read {Path(path).name} as an image (only {IMAGE_KINDS}). Please attach another image."
+            if size > MAX_IMAGE_PIXELS:
+                return (f"{Path(path).name} is {size / 1e6:.0f} megapixels; the demo takes pictures of up to "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f}. Please send a smaller version.")
+            pixels += size
+        for _, parts in earlier:
+            for kind, path in parts:
+                if kind == "file":
+                    try:
+                        pixels += images.pixels(path)
+                    except ImageError:
+                        pass  # gone from the upload cache: it will be left out below
+        if pixels > MAX_CHAT_PIXELS:
+            return (f"with this message the chat would hold {pixels / 1e6:.0f} megapixels of pictures; a chat takes up "
+                    f"to {MAX_CHAT_PIXELS / 1e6:.0f}. Clear the chat to send more pictures.")
+        return None
+
+    def to_messages(turns: list[tuple[str, list[tuple[str, str]]]]) -> list[dict]:
+        messages = []
+        for role, parts in turns:
+            items = []
+            for kind, value in parts:
+                if kind == "text":
+                    items.append({"type": "text", "text": value})
+                    continue
+                try:
+                    items.append({"type": "image", "image": images.small(value)})
+                except ImageError:
+                    continue  # an earlier picture no longer in the upload cache (it was accepted when sent)
+            if items:
+                messages.append({"role": role, "content": items})
+        return messages
 
     def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
         text = (message.get("text") or "").strip()
@@ -86,17 +170,32 @@ def responder(model: MMGPT):
         if not text and not files:
             yield NOTICE + "Type a question, or attach an image and ask about it."
             return
-        messages, unreadable = to_messages(history, text, files)
-        if unreadable:
-            yield NOTICE + f"Could not read {', '.join(unreadable)} as an image (only PNG, JPEG, GIF, WebP, BMP under the size limit). Please attach another image."
+        earlier = context_turns(history)
+        problem = refusal(text, files, earlier)
+        if problem:
+            yield NOTICE + problem + " (This message was not sent to the model.)"
             return
+        new_parts = [("file", path) for path in files] + ([("text", text)] if text else [])
+        if earlier and earlier[-1][0] == "user":
+            earlier[-1] = ("user", earlier[-1][1] + new_parts)
+        else:
+            earlier.append(("user", new_parts))
+        for path in files:
+            try:
+                images.small(path)  # decoded once here, kept small for every later turn
+            except ImageError:
+                yield NOTICE + (f"Could not read {Path(path).name} as an image (only {IMAGE_KINDS}). Please attach "
+                                "another image. (This message was not sent to the model.)")
+                return
+        messages = to_messages(earlier)
         if not text:
-            yield NOTICE + "Image received. Now ask a question about it."
+            yield IMAGE_RECEIVED
             return
         try:
             messages, dropped = model.fit_to_context(messages, int(max_new_tokens))
         except ContextTooLongError as error:
-            yield NOTICE + f"This message is too long for the model: {error}. Clear the chat or send less."
+            yield (NOTICE + f"this message is too long for the model ({error}). It was not sent; shorten it and try "
+                   "again, the chat goes on without it.")
             return
         note = f"\n\n{NOTICE}the {dropped} oldest messages no longer fit the context and were left out." if dropped else ""
         answer = ""
@@ -109,13 +208,78 @@ def responder(model: MMGPT):
     return respond
 
 
+class UploadGate:
+    """ASGI middleware in front of Gradio's upload route: only pictures are stored, and only so many bytes.
+
+    Gradio writes every upload to its cache before any component sees it and judges files by name alone; here
+    the request is read first (its size capped), every file in it must start with an image format's signature,
+    and this demo's stored uploads must have room. Otherwise nothing is stored: 415, 413 or 507 with the reason.
+    """
+
+    def __init__(self, app: Any, max_body: int = MAX_IMAGES_PER_MESSAGE * MAX_FILE_BYTES + 65536,
+                 cache_bytes: int = UPLOAD_CACHE_BYTES, concurrent: int = 4):
+        self.app, self.max_body, self.cache_bytes = app, max_body, cache_bytes
+        self.reading = asyncio.Semaphore(concurrent)  # bounds the memory that request bodies in flight take
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/upload"):
+            return await self.app(scope, receive, send)
+        content_type, options = parse_options_header(dict(scope["headers"]).get(b"content-type", b""))
+        if content_type != b"multipart/form-data" or b"boundary" not in options:
+            return await self.app(scope, receive, send)  # Gradio refuses it itself
+        async with self.reading:
+            body, size = [], 0
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    return
+                body.append(event.get("body", b""))
+                size += len(body[-1])
+                if size > self.max_body:
+                    return await self._refuse(scope, receive, send, 413, f"An upload takes at most "
+                                              f"{MAX_IMAGES_PER_MESSAGE} images of up to {MAX_FILE_SIZE}.")
+                if not event.get("more_body", False):
+                    break
+        data = b"".join(body)
+        heads = [part.partition(b"\r\n\r\n")[2][:16] for part in data.split(b"--" + options[b"boundary"])[1:-1]
+                 if b"filename=" in part.partition(b"\r\n\r\n")[0].lower()]
+        if not all(head.startswith(IMAGE_SIGNATURES) or head[:4] == b"RIFF" and head[8:12] == b"WEBP" for head in heads):
+            return await self._refuse(scope, receive, send, 415, f"Only images ({IMAGE_KINDS}) can be uploaded.")
+        if self._stored(scope) + len(data) > self.cache_bytes:
+            return await self._refuse(scope, receive, send, 507, "The demo's upload space is full; please try again "
+                                                                 "in a few minutes.")
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": data, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _stored(scope: dict) -> int:
+        """Bytes of this demo's uploads still on disk."""
+        total = 0
+        for path in list(scope["app"].get_blocks().upload_file_set):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(path)
+        return total
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any, status: int, reason: str) -> None:
+        await PlainTextResponse(reason, status_code=status)(scope, receive, send)
+
+
 def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
     examples = [
         [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16],
         [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16],
         [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16],
     ]
-    with gr.Blocks(title="mmgpt") as app:
+    with gr.Blocks(title="mmgpt", delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"## mmgpt\nImage-grounded chat. Checkpoint loaded: `{checkpoint}`")
         gr.ChatInterface(
             responder(model),
@@ -139,12 +303,14 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
 
 
 def launch(model: MMGPT, checkpoint: str, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = False,
-           block: bool = True) -> gr.Blocks:
-    """Serve the demo: bounded queue, two chats at a time, uploads capped, no files served but Gradio's uploads."""
+           block: bool = True, upload_cache_bytes: int = UPLOAD_CACHE_BYTES) -> gr.Blocks:
+    """Serve the demo: bounded queue, two chats at a time, only pictures uploaded and their bytes and pixels capped,
+    no files served but Gradio's uploads, and those deleted after an hour and at shutdown."""
     app = build_app(model, checkpoint)
     app.queue(max_size=32, default_concurrency_limit=2)
     app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, inbrowser=open_browser,
-               show_error=False, share=False, prevent_thread_lock=not block, quiet=not block)
+               show_error=False, share=False, prevent_thread_lock=not block, quiet=not block,
+               app_kwargs={"middleware": [Middleware(UploadGate, cache_bytes=upload_cache_bytes)]})
     return app
 
 

@@ -42,8 +42,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: str | Path | Image.Image | ImageBytes) -> Image.Image:
-    """Open (first frame of an animation), apply EXIF orientation, convert to RGB. Raises `ImageError`."""
+def load_image(image: str | Path | Image.Image | ImageBytes, max_pixels: int | None = None) -> Image.Image:
+    """Open (first frame of an animation), apply EXIF orientation, convert to RGB. Raises `ImageError`.
+
+    `max_pixels` refuses a larger image from its header alone, before a byte of it is decoded: a small file can
+    hold a huge picture (a 258 KB PNG of 9000x9000 decodes to 0.3 GB).
+    """
     if isinstance(image, ImageBytes):
         name, source = image.name, io.BytesIO(image.data)
     else:
@@ -53,11 +57,17 @@ def load_image(image: str | Path | Image.Image | ImageBytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             opened = source if isinstance(source, Image.Image) else Image.open(source)
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(f"image '{name}' is {width}x{height} pixels ({width * height / 1e6:.1f} Mpx); "
+                                 f"the limit is {max_pixels / 1e6:.0f} Mpx")
             if getattr(opened, "n_frames", 1) > 1:
                 opened.seek(0)
             opened.load()
             oriented = ImageOps.exif_transpose(opened)
             return _to_rgb(oriented)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"image '{name}' is too large: {error}") from None
     except FileNotFoundError:
@@ -76,11 +86,15 @@ class ImageTransform:
     interpolation: str = "bicubic"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = F.to_image(image)
-        pixels = F.resize(pixels, list(self.size), interpolation=InterpolationMode(self.interpolation), antialias=True)
-        pixels = F.to_dtype(pixels, torch.float32, scale=True)
+        pixels = F.to_dtype(self._resized(image), torch.float32, scale=True)
         return F.normalize(pixels, list(self.mean), list(self.std))  # (3, H, W)
 
-    def blank(self) -> torch.Tensor:
-        """A plain white image, for blind baselines."""
-        return self(Image.new("RGB", (self.size[1], self.size[0]), (255, 255, 255)))
+    def small(self, image: Image.Image) -> Image.Image:
+        """The image at the ViT's input size, still 8-bit: what a chat keeps of a picture instead of the picture.
+        Transforming it gives exactly the pixels that transforming the original gives (resizing to the size an
+        image already has leaves it as it is)."""
+        return F.to_pil_image(self._resized(image))
+
+    def _resized(self, image: Image.Image) -> torch.Tensor:
+        pixels = F.to_image(image)  # (3, H, W) uint8
+        return F.resize(pixels, list(self.size), interpolation=InterpolationMode(self.interpolation), antialias=True)

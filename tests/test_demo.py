@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from mmgpt import MMGPT
@@ -59,7 +61,7 @@ def served(shapes_dir, tmp_path_factory):
     module = load_app_module()
     port = free_port()
     app = module.launch(MMGPT.from_pretrained(final, device="cpu"), str(final), port=port, block=False)
-    yield {"url": f"http://127.0.0.1:{port}/", "image": folder / "demo_picture.png", "app": app}
+    yield {"url": f"http://127.0.0.1:{port}/", "image": folder / "demo_picture.png", "app": app, "checkpoint": final}
     app.close()
 
 
@@ -106,13 +108,16 @@ def test_chat_in_a_real_browser(served, tmp_path):
         expect(bot.nth(1)).to_contain_text(QUESTIONS[1][1], timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "demo-chat.png"), full_page=True)
 
-        send("What is this?", [not_an_image])
-        expect(bot).to_have_count(3, timeout=60_000)
-        expect(bot.nth(2)).to_contain_text("Could not read notes.png", timeout=60_000)
-        send(QUESTIONS[1][0])
-        expect(bot).to_have_count(4, timeout=60_000)
-        expect(bot.nth(3)).to_contain_text(QUESTIONS[1][1], timeout=60_000)
+        page.locator('input[type="file"]').first.set_input_files([str(not_an_image)])  # refused before it is stored
+        expect(page.get_by_text("Only images (PNG, JPEG, GIF, WebP or BMP) can be uploaded")).to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "demo-after-bad-file.png"), full_page=True)
+        send("word " * 400)  # a paste the context cannot hold: refused, and kept out of what follows
+        expect(bot).to_have_count(3, timeout=60_000)
+        expect(bot.nth(2)).to_contain_text("this message is too long for the model", timeout=60_000)
+        send(QUESTIONS[1][0])  # answered by the model (before, the refused paste joined it and it was refused too)
+        expect(bot).to_have_count(4, timeout=60_000)
+        expect(bot.nth(3)).to_have_text(re.compile(r"^(?!Notice)\s*\w"), timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "demo-after-refused-message.png"), full_page=True)
         browser.close()
 
 
@@ -143,10 +148,11 @@ def test_files_outside_the_upload_cache_are_refused(served):
 def test_upload_over_the_size_limit_is_refused(served):
     import httpx
 
-    big = b"\x89PNG" + b"\0" * (6 * 1024 * 1024)
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (6 * 1024 * 1024)
     response = httpx.post(served["url"] + "gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
     assert response.status_code == 413
-    small = httpx.post(served["url"] + "gradio_api/upload", files={"files": ("ok.png", b"\x89PNG", "image/png")}, timeout=60)
+    picture = (ROOT / "demo" / "examples" / "shapes1.png").read_bytes()
+    small = httpx.post(served["url"] + "gradio_api/upload", files={"files": ("ok.png", picture, "image/png")}, timeout=60)
     assert small.status_code == 200
 
 
@@ -173,7 +179,7 @@ def test_bad_inputs_get_a_message_and_the_next_message_works(respond, tmp_path):
         "image only": ({"text": "", "files": [good]}, "Now ask a question"),
         "not an image": ({"text": "what?", "files": [str(tmp_path / "notes.png")]}, "Could not read notes.png"),
         "truncated": ({"text": "what?", "files": [str(tmp_path / "cut.png")]}, "Could not read cut.png"),
-        "bomb": ({"text": "what?", "files": [str(bomb)]}, "Could not read bomb.png"),
+        "bomb": ({"text": "what?", "files": [str(bomb)]}, "bomb.png is 169 megapixels"),
     }
     for name, (message, expected) in cases.items():
         assert expected in last(respond(message, [], *settings)), name
@@ -194,3 +200,111 @@ def test_long_conversation_drops_oldest_turns_and_says_so(respond, tmp_path):
                     {"role": "assistant", "content": "blue"}]
     reply = last(respond({"text": "and now?", "files": []}, history, 0.0, 1.0, 4))
     assert "oldest messages no longer fit the context" in reply
+
+
+def test_a_refused_message_stays_out_of_the_chat(respond, tmp_path):
+    """A paste too long for the context is refused; the questions after it are answered as if it had not been sent."""
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    history = [{"role": "user", "content": {"path": str(tmp_path / "red.png")}},
+               {"role": "user", "content": "What colour is the circle?"},
+               {"role": "assistant", "content": "red"}]
+    paste = "word " * 400
+    refused = last(respond({"text": paste, "files": []}, history, 0.0, 1.0, 4))
+    assert refused.startswith("Notice: this message is too long") and "not sent" in refused and "send less" not in refused
+    history += [{"role": "user", "content": paste}, {"role": "assistant", "content": refused}]
+    for question in ["And now?", "What shape is it?"]:
+        answer = last(respond({"text": question, "files": []}, history, 0.0, 1.0, 4))
+        assert not answer.startswith("Notice"), answer
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_what_the_model_sees_of_a_history(tmp_path):
+    module = load_app_module()
+    picture = {"path": str(tmp_path / "a.png")}
+    history = [{"role": "user", "content": picture},
+               {"role": "assistant", "content": module.IMAGE_RECEIVED},
+               {"role": "user", "content": "far too long"},
+               {"role": "assistant", "content": "Notice: this message is too long for the model"},
+               {"role": "user", "content": "What colour?"},
+               {"role": "assistant", "content": "red\n\nNotice: the 2 oldest messages no longer fit"},
+               {"role": "user", "content": "bad"},
+               {"role": "assistant", "content": "Notice: Could not read x.png"},
+               {"role": "user", "content": picture}]
+    assert module.context_turns(history) == [
+        ("user", [("file", picture["path"]), ("text", "What colour?")]),
+        ("assistant", [("text", "red")]),
+        ("user", [("file", picture["path"])]),
+    ]
+
+
+def test_a_picture_is_decoded_once_however_long_the_chat(tiny, tmp_path, monkeypatch):
+    processor, model = tiny
+    module = load_app_module()
+    decoded = []
+    real_load = module.load_image
+    monkeypatch.setattr(module, "load_image", lambda path, **kwargs: decoded.append(path) or real_load(path, **kwargs))
+    respond = module.responder(MMGPT(model, processor))
+    Image.new("RGB", (300, 200), "green").save(tmp_path / "green.png")
+    history = [{"role": "user", "content": {"path": str(tmp_path / "green.png")}}]
+    history.append({"role": "assistant", "content": last(respond({"text": "", "files": [str(tmp_path / "green.png")]}, [], 0.0, 1.0, 4))})
+    for question in ["What colour?", "How many?", "Where?"]:
+        answer = last(respond({"text": question, "files": []}, history, 0.0, 1.0, 4))
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    assert decoded == [str(tmp_path / "green.png")]
+
+
+def test_the_small_form_of_a_picture_gives_the_same_pixels(tiny):
+    processor, _ = tiny
+    picture = Image.effect_mandelbrot((300, 200), (-2, -1, 1, 1), 60).convert("RGB")
+    small = processor.transform.small(picture)
+    assert small.size == tuple(reversed(processor.transform.size))
+    assert torch.equal(processor.transform(small), processor.transform(picture))
+
+
+def test_pixel_caps_refuse_before_decoding(respond, tmp_path, monkeypatch):
+    module = load_app_module()
+    huge = tmp_path / "huge.png"
+    Image.new("L", (9000, 9000)).save(huge)  # about 80 KB on disk, 81 Mpx decoded
+    reply = last(respond({"text": "what?", "files": [str(huge)]}, [], 0.0, 1.0, 4))
+    assert "huge.png is 81 megapixels" in reply and "not sent" in reply
+    big = tmp_path / "big.png"
+    Image.new("L", (4000, 3000)).save(big)  # 12 Mpx: fits one picture, five of them do not fit one chat
+    history = []
+    for _ in range(4):
+        history += [{"role": "user", "content": {"path": str(big)}}, {"role": "user", "content": "and this?"},
+                    {"role": "assistant", "content": "red"}]
+    reply = last(respond({"text": "what?", "files": [str(big)] * 2}, history, 0.0, 1.0, 4))
+    assert "the chat would hold 72 megapixels" in reply and "Clear the chat" in reply
+    reply = last(respond({"text": "what?", "files": [str(tmp_path / "huge.png")] * 5}, [], 0.0, 1.0, 4))
+    assert "at most 4" in reply
+
+
+def test_only_pictures_are_stored_and_the_store_is_bounded_and_emptied_at_shutdown(served, tmp_path):
+    import httpx
+
+    module = load_app_module()
+    model = MMGPT.from_pretrained(served["checkpoint"], device="cpu")
+    port = free_port()
+    app = module.launch(model, "test", port=port, block=False, upload_cache_bytes=300_000)
+    url = f"http://127.0.0.1:{port}/gradio_api/upload"
+    picture = (ROOT / "demo" / "examples" / "shapes1.png").read_bytes()
+    try:
+        for name, data in [("notes.png", b"this is text, not a picture"), ("script.sh", b"#!/bin/sh\nrm -rf /\n"),
+                           ("mixed.png", None)]:
+            files = ([("files", ("ok.png", picture, "image/png")), ("files", ("x.png", b"text", "image/png"))]
+                     if data is None else {"files": (name, data, "image/png")})
+            response = httpx.post(url, files=files, timeout=60)
+            assert response.status_code == 415 and "Only images" in response.text, (name, response.status_code)
+        assert not app.upload_file_set  # nothing of the refused uploads was stored
+        stored = []
+        while True:
+            response = httpx.post(url, files={"files": (f"{len(stored)}.png", picture + bytes(len(stored)), "image/png")},
+                                  timeout=60)
+            if response.status_code != 200:
+                break
+            stored += response.json()
+        assert response.status_code == 507 and "upload space is full" in response.text
+        assert 0 < len(stored) and sum(Path(path).stat().st_size for path in stored) <= 300_000
+    finally:
+        app.close()
+    assert not any(Path(path).exists() for path in stored)  # the uploads are deleted at shutdown
