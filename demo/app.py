@@ -46,6 +46,7 @@ class ChatImages:
         self.capacity = capacity
         self._items: OrderedDict[str, tuple[Image.Image, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._decoding = threading.Lock()
 
     def pixels(self, path: str) -> int:
         """Decoded size of a picture, from its header alone (or from the cache). Raises `ImageError`."""
@@ -64,8 +65,10 @@ class ChatImages:
             if path in self._items:
                 self._items.move_to_end(path)
                 return self._items[path][0]
-        picture = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
-        entry = (self.transform.small(picture), picture.size[0] * picture.size[1])
+        with self._decoding:  # one full-size picture in memory at a time, however many chats send them
+            picture = load_image(path, max_pixels=MAX_IMAGE_PIXELS)
+            entry = (self.transform.small(picture), picture.size[0] * picture.size[1])
+            del picture
         with self._lock:
             self._items[path] = entry
             while len(self._items) > self.capacity:

@@ -39,7 +39,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_image(image: str | Path | Image.Image | ImageBytes, max_pixels: int | None = None) -> Image.Image:

@@ -308,3 +308,17 @@ def test_only_pictures_are_stored_and_the_store_is_bounded_and_emptied_at_shutdo
     finally:
         app.close()
     assert not any(Path(path).exists() for path in stored)  # the uploads are deleted at shutdown
+
+
+@pytest.mark.slow
+def test_server_memory_stays_bounded_under_a_burst_of_huge_pictures(served, tmp_path):
+    """The server in its own process; two users at once send four 81-Mpx PNGs (refused from their headers), then
+    four 12-Mpx ones (decoded one at a time, kept small), each followed by three text questions in the same chat.
+    Before the caps the first burst took the server from 1.0 to 5.0 GB."""
+    spec = importlib.util.spec_from_file_location("demo_memory", ROOT / "benchmarks" / "demo_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for kind, refused in [("huge", True), ("large", False)]:
+        result = bench.measure(ROOT / "demo" / "app.py", served["checkpoint"], kind, chats=2, folder=tmp_path)
+        assert all(("81 megapixels" in reply) == refused for reply in result["first_replies"]), result
+        assert result["peak_mb"] - result["rss_before_mb"] < 350, result
