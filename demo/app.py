@@ -125,7 +125,7 @@ def responder(model: MMGPT):
     """The chat function: streams the reply to the new message, or a notice when the input cannot be answered."""
     images = ChatImages(model.processor.transform)
 
-    def refusal(text: str, files: list[str], earlier: list[tuple[str, list[tuple[str, str]]]]) -> str | None:
+    def refusal(files: list[str], earlier: list[tuple[str, list[tuple[str, str]]]]) -> str | None:
         """Why the new message cannot go to the model, checked from file headers before any picture is decoded."""
         if len(files) > MAX_IMAGES_PER_MESSAGE:
             return f"{len(files)} images in one message; the demo takes at most {MAX_IMAGES_PER_MESSAGE}. Please send fewer."
@@ -174,7 +174,7 @@ def responder(model: MMGPT):
             yield NOTICE + "Type a question, or attach an image and ask about it."
             return
         earlier = context_turns(history)
-        problem = refusal(text, files, earlier)
+        problem = refusal(files, earlier)
         if problem:
             yield NOTICE + problem + " (This message was not sent to the model.)"
             return

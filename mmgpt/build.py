@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from transformers import CONFIG_MAPPING, AutoConfig, GenerationConfig, PretrainedConfig
 
@@ -118,7 +119,10 @@ def decoder_config(text: TextConfig, vocab_size: int) -> PretrainedConfig:
     if model_type not in CONFIG_MAPPING:
         raise ConfigError(f"config key 'model.text.config.model_type': transformers has no decoder type {model_type!r}")
     _check_keys(CONFIG_MAPPING[model_type], settings)
-    text_config = AutoConfig.for_model(model_type, **settings)
+    try:
+        text_config = AutoConfig.for_model(model_type, **settings)
+    except (StrictDataclassError, TypeError, ValueError) as error:  # a value of the wrong type or range
+        raise ConfigError(f"config key 'model.text.config': {' '.join(str(error).split())}") from None
     text_config.vocab_size = max(vocab_size, settings.get("vocab_size", 0))
     return text_config
 

@@ -86,7 +86,7 @@ def check_pickles(folder: Path) -> None:
         try:
             load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(error))
             holds = f"it holds {found.group(1)}" if found else type(error).__name__
             raise ValueError(f"refusing to load {path}: not a plain tensor/state file ({holds})") from None
 

@@ -1,6 +1,7 @@
 """End to end through the console script, as a user runs it: data -> train -> eval -> chat."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,44 @@ def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
     assert too_many.returncode == 2 and "too few other examples per answer for 3 shots" in too_many.stderr
     bad = mmgpt("eval", "run/final", "--data", "icl/eval.jsonl", "--shots", "1,x", cwd=tmp_path)
     assert bad.returncode == 2 and "--shots takes whole numbers" in bad.stderr
+
+
+def test_errors_are_one_line_naming_the_file_and_debug_shows_the_traceback(tiny, tmp_path):
+    processor, model = tiny
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+    plain = mmgpt("chat", str(folder), "hi", cwd=tmp_path)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == [
+        f"mmgpt chat: error: ValueError: {weights} cannot be read: Error while deserializing header: invalid header "
+        "length (--debug shows the traceback)"]
+    for debug in (mmgpt("--debug", "chat", str(folder), "hi", cwd=tmp_path),
+                  subprocess.run([sys.executable, "-m", "mmgpt.cli", "chat", str(folder), "hi"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600, env={**os.environ, "MMGPT_DEBUG": "1"})):
+        assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1].startswith(f"mmgpt chat: error: ValueError: {weights}")
+
+    (tmp_path / "taken").write_text("a file, not a folder")
+    exists = mmgpt("data", "shapes", "--out", "taken", "--train", "4", "--eval", "2", cwd=tmp_path)
+    assert exists.returncode == 2 and "Traceback" not in exists.stderr
+    assert "FileExistsError: [Errno 17] File exists: 'taken'" in exists.stderr
+
+    zero = mmgpt("eval", str(folder), "--data", "x.jsonl", "--batch-size", "0", cwd=tmp_path)
+    assert zero.returncode == 2 and "--batch-size: expects a whole number of at least 1, got '0'" in zero.stderr
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/runs/final/model.safetensors"),
+                                   TypeError("expected str, bytes or os.PathLike object, not NoneType")])
+def test_any_user_error_is_one_line(error, monkeypatch, capsys):
+    from mmgpt import cli
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("mmgpt.inference.MMGPT.from_pretrained", fail)
+    assert cli.main(["chat", "somewhere", "hi"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"mmgpt chat: error: {type(error).__name__}: {error} (--debug shows the traceback)"]

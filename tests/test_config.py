@@ -19,6 +19,13 @@ def test_yaml_then_dotted_overrides_are_typed(tmp_path):
     ("train.max_steps=many", "'train.max_steps' expects int"),
     ("train.lr=fast", "'train.lr' expects a number"),
     ("train=3", "'train' is a section"),
+    ("train.batch_size=0", "'train.batch_size' must be at least 1, got 0"),
+    ("train.batch_size=-4", "'train.batch_size' must be at least 1, got -4"),
+    ("train.max_steps=0", "'train.max_steps' must be at least 1, got 0"),
+    ("train.lr=-1e-3", r"'train.lr' must be 0 or more, got -0.001"),
+    ("train.mixed_precision=fp8", "'train.mixed_precision' must be one of auto, bf16, fp16, no, got 'fp8'"),
+    ("train.min_lr_ratio=2", "'train.min_lr_ratio' must be between 0 and 1"),
+    ("train.lr_multipliers.vision=-2", "'train.lr_multipliers.vision' must be a number, 0 or more"),
 ])
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -41,3 +48,17 @@ def test_batch_order_is_seeded_complete_and_length_grouped():
     assert batch_indices(lengths, 4, 1, 16) != epoch[0] or batch_indices(lengths, 4, 1, 17) != epoch[1]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / len(epoch)
     assert spread < 20  # random batches of 4 would spread ~60
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.text.config.n_layerz=9", r"'model.text.config.n_layerz': GPT2Config has no such setting \(did you mean n_layer"),
+    ("model.text.config.model_type=gpt9", "'model.text.config.model_type': transformers has no decoder type 'gpt9'"),
+    ("model.vision.kwargs.bogus=1", "timm's 'vit_tiny_patch16_224' does not take the vision kwargs .*'bogus'"),
+])
+def test_typos_inside_the_model_sections_are_errors_naming_the_key(override, message):
+    from mmgpt.build import build
+
+    config = load_config(None, ["model.vision.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
+                                "model.text.config={model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2}", override])
+    with pytest.raises(ValueError, match=message):
+        build(config.model, ["some training text"] * 8)

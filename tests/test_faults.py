@@ -155,3 +155,50 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_and_the_payload_never_run
     with pytest.raises(ValueError, match="refusing to load"):
         train(config)
     assert not Path(MARKER).exists()
+    (latest / "random_states_0.pkl").unlink()
+    torch.save({"state": Payload()}, latest / "optimizer.bin")
+    with pytest.raises(ValueError, match=r"refusing to load .*optimizer.bin: .*it holds posix.system") as refused:
+        train(config)
+    assert not Path(MARKER).exists() and "weights_only" not in str(refused.value)
+
+
+def saved_model(tiny, folder: Path) -> Path:
+    processor, model = tiny
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def edit_json(path: Path, **changes) -> None:
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("file, changes, message", [
+    ("config.json", {"image_token_id": 99999}, r"config.json: image_token_id 99999 is outside the decoder's vocabulary"),
+    ("config.json", {"image_token_id": 5}, r"config.json: image_token_id 5 is the tokenizer's '<\|system\|>', not '<\|image\|>'"),
+    ("config.json", {"image_token_id": 300}, r"config.json: image_token_id 300 is the tokenizer's '.*', not '<\|image\|>'"),
+    ("mmgpt_processor.json", {"num_image_tokens": 7}, r"mmgpt_processor.json: num_image_tokens is 7 but the model in "
+                                                      r"config.json makes 16 tokens of each image"),
+    ("mmgpt_processor.json", {"image_size": [64, 64]}, r"mmgpt_processor.json: image_size is \[64, 64\] but the model's "
+                                                       r"ViT in config.json takes \[32, 32\]"),
+    ("mmgpt_processor.json", {"image_size": "big"}, r"mmgpt_processor.json: a field has the wrong form"),
+])
+def test_saved_parts_that_disagree_are_refused_at_load_naming_the_file_and_field(tiny, tmp_path, file, changes, message):
+    from mmgpt import MMGPT
+
+    folder = saved_model(tiny, tmp_path / "model")
+    edit_json(folder / file, **changes)
+    with pytest.raises(ValueError, match=message):
+        MMGPT.from_pretrained(folder, device="cpu")
+
+
+def test_a_checkpoint_whose_parts_disagree_is_refused_on_resume(shapes_dir, tmp_path):
+    config = tiny_config(shapes_dir, tmp_path / "run", "train.max_steps=2", "train.save_every=2", "data.eval=")
+    train(config)
+    edit_json(checkpoint.latest_checkpoint(tmp_path / "run") / "mmgpt_processor.json", num_image_tokens=3)
+    (tmp_path / "run" / "final").rename(tmp_path / "old-final")
+    config.train.max_steps = 4
+    with pytest.raises(ValueError, match=r"step-2/mmgpt_processor.json: num_image_tokens is 3"):
+        train(config)

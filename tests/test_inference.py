@@ -115,3 +115,23 @@ def test_a_convolutional_decoder_continues_left_padded_batches_as_one_by_one(sha
     assert api.complete(documents, max_new_tokens=6) == alone
     assert api.generate([[ask("hi")], [ask("what is this picture about?")]], max_new_tokens=5) == [
         api.chat([ask("hi")], max_new_tokens=5), api.chat([ask("what is this picture about?")], max_new_tokens=5)]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda api: api.chat("hello"), r"got the string 'hello': pass \[\{'role': 'user', 'content': 'hello'\}\]"),
+    (lambda api: api.chat([]), "messages must be a non-empty list"),
+    (lambda api: api.chat(["hello"]), "message 0 must be a {'role'"),
+    (lambda api: api.generate([]), "conversations must be a non-empty list"),
+    (lambda api: api.complete([]), "documents must be a non-empty list"),
+    (lambda api: api.chat([ask("hi")], max_new_tokens="8"), "max_new_tokens must be a whole number of at least 1, got '8'"),
+    (lambda api: api.chat([ask("hi")], max_new_tokens=0), "max_new_tokens must be a whole number of at least 1, got 0"),
+    (lambda api: api.chat([ask("hi")], stream=True, max_new_tokens=2.5), "max_new_tokens .* got 2.5"),
+    (lambda api: api.chat([ask("hi")], do_sample=True, top_p=0), r"top_p must be a number in \(0, 1\], got 0"),
+    (lambda api: api.generate([[ask("hi")]], top_p=1.5), r"top_p must be a number in \(0, 1\], got 1.5"),
+    (lambda api: api.chat([ask("hi")], do_sample=True, temperature=0), "sampling needs a temperature above 0"),
+    (lambda api: api.chat([ask("hi")], temperature=-1), "temperature must be a number, 0 or more, got -1"),
+    (lambda api: api.chat([ask("a \ud800 b")]), r"holds '\\ud800' at character 2, half of a UTF-16 pair"),
+])
+def test_bad_arguments_are_one_error_naming_the_value(api, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(api)
