@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -119,8 +120,10 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(shapes_dir, tmp_path, mo
     monkeypatch.setattr(MMGPTForConditionalGeneration, "forward", forward)
     config = tiny_config(shapes_dir, tmp_path, "train.max_steps=20", "train.save_every=4", "train.max_bad_steps=3",
                          "data.eval=")
-    with pytest.raises(TrainingError, match="3 steps in a row had a NaN/inf loss"):
+    with pytest.raises(TrainingError, match="3 steps in a row had a NaN/inf loss") as stopped:
         train(config)
+    named = re.search(r"The last good checkpoint is (\S+):", str(stopped.value)).group(1)
+    assert Path(named).is_dir() and Path(named).name == "step-4"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_steps"] for r in records] == [0, 1, 1, 1, 2, 3, 4]
     assert [step for step, _ in checkpoint.list_checkpoints(tmp_path)] == [4]
