@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,8 +55,10 @@ class ChatImages:
             if path in self._items:
                 return self._items[path][1]
         try:
-            with Image.open(path) as image:
-                return image.size[0] * image.size[1]
+            with warnings.catch_warnings():  # a huge size is refused by the demo's own cap, from this header
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    return image.size[0] * image.size[1]
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise ImageError(f"image '{Path(path).name}' cannot be read: {error}") from None
 
