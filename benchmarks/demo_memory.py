@@ -5,7 +5,7 @@
 The server runs in its own process (`python APP CHECKPOINT --port P`), so its peak resident memory (VmHWM) is its
 own. Two bursts, each sent by `--chats` users at once through the HTTP API (gradio_client), every user then asking
 three text follow-ups in the same chat:
-  huge:  4 PNGs of 9000x9000 (about 0.3 MB on disk each, 81 Mpx decoded) in one message;
+  huge:  4 PNGs of 9000x9000 (0.27 MB on disk each, 81 Mpx decoded) in one message;
   large: 4 PNGs of 4000x3000 (12 Mpx decoded each) in one message.
 `--app` takes another checkout's demo/app.py, to compare before and after a change on the same burst.
 """

@@ -26,8 +26,7 @@ from mmgpt.images import ImageTransform
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context
 IMAGE_RECEIVED = NOTICE + "Image received. Now ask a question about it."  # the one notice whose message stays
-MAX_FILE_SIZE = "5mb"
-MAX_FILE_BYTES = 5 * 1024 * 1024
+MAX_FILE_BYTES = 5 * 1024 * 1024  # one upload
 MAX_IMAGES_PER_MESSAGE = 4
 MAX_IMAGE_PIXELS = 16_000_000  # one picture, decoded: a 12-Mpx phone photo fits, a 9000x9000 PNG does not
 MAX_CHAT_PIXELS = 64_000_000  # every picture of one chat, decoded
@@ -243,7 +242,7 @@ class UploadGate:
                 size += len(body[-1])
                 if size > self.max_body:
                     return await self._refuse(scope, receive, send, 413, f"An upload takes at most "
-                                              f"{MAX_IMAGES_PER_MESSAGE} images of up to {MAX_FILE_SIZE}.")
+                                              f"{MAX_IMAGES_PER_MESSAGE} images of up to {MAX_FILE_BYTES // 2**20} MB.")
                 if not event.get("more_body", False):
                     break
         data = b"".join(body)
@@ -314,7 +313,7 @@ def launch(model: MMGPT, checkpoint: str, host: str = "127.0.0.1", port: int = 7
     no files served but Gradio's uploads, and those deleted after an hour and at shutdown."""
     app = build_app(model, checkpoint)
     app.queue(max_size=32, default_concurrency_limit=2)
-    app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, inbrowser=open_browser,
+    app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, inbrowser=open_browser,
                show_error=False, share=False, prevent_thread_lock=not block, quiet=not block,
                app_kwargs={"middleware": [Middleware(UploadGate, cache_bytes=upload_cache_bytes)]})
     return app

@@ -51,23 +51,17 @@ def load_saved(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no mmgpt model in {folder} (expected config.json, model.safetensors, tokenizer)")
     processor = MMGPTProcessor.from_pretrained(folder)
-    config = MMGPTConfig.from_pretrained(folder)
-    check_parts(processor, config, folder)
     try:
-        model = MMGPTForConditionalGeneration.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True)
+        model = MMGPTForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     except SafetensorError as error:
         raise ValueError(f"{folder / 'model.safetensors'} cannot be read: {error}") from None
     check_parts(processor, model, folder)
     return processor, model
 
 
-def check_parts(processor: MMGPTProcessor, model: MMGPTConfig | MMGPTForConditionalGeneration, folder: Path) -> None:
-    """A saved model's files must agree with each other: otherwise the first chat fails far from the cause.
-
-    Given the config alone, checks what the config and processor say; given the built model, also the sizes it has.
-    """
-    config = model if isinstance(model, MMGPTConfig) else model.config
-    image_token_id, vocab = config.image_token_id, config.text_config.vocab_size
+def check_parts(processor: MMGPTProcessor, model: MMGPTForConditionalGeneration, folder: Path) -> None:
+    """A saved model's files must agree with each other: otherwise the first chat fails far from the cause."""
+    image_token_id, vocab = model.config.image_token_id, model.config.text_config.vocab_size
     if not 0 <= image_token_id < vocab:
         raise ValueError(f"{folder / 'config.json'}: image_token_id {image_token_id} is outside the decoder's vocabulary "
                          f"(text_config.vocab_size {vocab})")
@@ -78,8 +72,6 @@ def check_parts(processor: MMGPTProcessor, model: MMGPTConfig | MMGPTForConditio
     if len(processor.tokenizer) > vocab:
         raise ValueError(f"{folder}: the tokenizer has {len(processor.tokenizer)} tokens but config.json's "
                          f"text_config.vocab_size is {vocab}")
-    if isinstance(model, MMGPTConfig):
-        return
     if processor.num_image_tokens != model.num_image_tokens:
         raise ValueError(f"{folder / PROCESSOR_FILE}: num_image_tokens is {processor.num_image_tokens} but the model in "
                          f"config.json makes {model.num_image_tokens} tokens of each image")

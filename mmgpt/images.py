@@ -46,7 +46,7 @@ def load_image(image: str | Path | Image.Image | ImageBytes, max_pixels: int | N
     """Open (first frame of an animation), apply EXIF orientation, convert to RGB. Raises `ImageError`.
 
     `max_pixels` refuses a larger image from its header alone, before a byte of it is decoded: a small file can
-    hold a huge picture (a 258 KB PNG of 9000x9000 decodes to 0.3 GB).
+    hold a huge picture (a 0.27 MB PNG of 9000x9000 decodes to 243 MB of RGB).
     """
     if isinstance(image, ImageBytes):
         name, source = image.name, io.BytesIO(image.data)

@@ -114,8 +114,9 @@ class MMGPT:
         image is ever cut in half. If even the shortest form does not fit, `ContextTooLongError` says why.
         Only tokenises: no image is loaded while searching.
         """
-        system = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
-        rest = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+        check_messages(messages)
+        system = [m for m in messages if m.get("role") == "system"]
+        rest = [m for m in messages if m.get("role") != "system"]
         dropped = 0
         while True:
             try:
@@ -192,8 +193,6 @@ class MMGPT:
         check_generation(max_new_tokens, do_sample, temperature, top_p)
         if not isinstance(conversations, list) or not conversations:
             raise ValueError(f"conversations must be a non-empty list of message lists, got {conversations!r:.80}")
-        for conversation in conversations:
-            check_messages(conversation)
         encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
         return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
 
@@ -221,7 +220,6 @@ class MMGPT:
         stream: bool = False,
     ) -> str | Iterator[str]:
         """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
-        check_messages(messages)
         if not stream:
             return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
         check_generation(max_new_tokens, do_sample, temperature, top_p)

@@ -49,8 +49,8 @@ class VisionEncoder(nn.Module):
         try:
             self.vit = timm.create_model(model_name, num_classes=0, **model_kwargs, **extra,
                                          **_pretrained_kwargs(pretrained))
-        except TypeError as error:  # an unknown keyword surfaces deep inside the model class
-            raise ValueError(f"timm's {model_name!r} does not take the vision kwargs {model_kwargs}: {error}") from None
+        except TypeError as error:  # an unknown or wrong-typed keyword surfaces deep inside the model class
+            raise ValueError(f"timm's {model_name!r} cannot be built with the vision kwargs {model_kwargs}: {error}") from None
         if not fused_attention:
             # timm's plain attention path: at tiny widths on CPU its backward is far faster than fused SDPA's.
             for module in self.vit.modules():

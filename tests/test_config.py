@@ -53,7 +53,7 @@ def test_batch_order_is_seeded_complete_and_length_grouped():
 @pytest.mark.parametrize("override, message", [
     ("model.text.config.n_layerz=9", r"'model.text.config.n_layerz': GPT2Config has no such setting \(did you mean n_layer"),
     ("model.text.config.model_type=gpt9", "'model.text.config.model_type': transformers has no decoder type 'gpt9'"),
-    ("model.vision.kwargs.bogus=1", "timm's 'vit_tiny_patch16_224' does not take the vision kwargs .*'bogus'"),
+    ("model.vision.kwargs.bogus=1", "timm's 'vit_tiny_patch16_224' cannot be built with the vision kwargs .*'bogus'"),
 ])
 def test_typos_inside_the_model_sections_are_errors_naming_the_key(override, message):
     from mmgpt.build import build
