@@ -6,6 +6,7 @@ it stands in the text. They are computed at prefill only: `generate()` drops `pi
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -19,8 +20,13 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mmgpt.processing import IGNORE_INDEX
 from mmgpt.projector import Projector
+
+# Decoders whose logits are `lm_head(last hidden state)` and nothing else; others take the decoder's own loss path.
+PLAIN_HEAD_DECODERS = frozenset({"gpt2", "llama", "lfm2", "mistral", "qwen2", "qwen3", "smollm3"})
 from mmgpt.vision import VisionEncoder
 
 
@@ -76,7 +82,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self._no_split_modules = [*(self.language_model._no_split_modules or []), type(self.vision.vit.blocks[0]).__name__]
         self.post_init()
 
-    @property
+    @functools.cached_property
     def _cache_argument(self) -> str:
         """The decoder's name for its KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
         return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
@@ -135,13 +141,16 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Token embeddings with each run of image-slot tokens replaced by one image's features, in reading order."""
         inputs_embeds = self.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
-        num_slots = int(image_mask.sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if num_slots != num_images * self.num_image_tokens:
-            raise ValueError(
-                f"the input has {num_slots} image-slot tokens ({num_slots / self.num_image_tokens:g} images of "
-                f"{self.num_image_tokens} tokens) but {num_images} images were given"
-            )
+        if input_ids.device.type == "cpu" or not self.training:
+            # Counting the slots waits for the device: training batches on a GPU skip it (the processor makes one
+            # slot per image by construction); on a CPU it is free, and at inference it is one wait per prompt.
+            num_slots = int(image_mask.sum())
+            if num_slots != num_images * self.num_image_tokens:
+                raise ValueError(
+                    f"the input has {num_slots} image-slot tokens ({num_slots / self.num_image_tokens:g} images of "
+                    f"{self.num_image_tokens} tokens) but {num_images} images were given"
+                )
         if num_images == 0:
             return inputs_embeds
         features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
@@ -171,6 +180,9 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Positions count real tokens only, so left-padded rows see the same positions as unpadded ones.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        if labels is not None and self._plain_head:
+            return self._labelled_loss(inputs_embeds, attention_mask, position_ids, labels,
+                                       kwargs.pop("num_items_in_batch", None), **kwargs)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -181,6 +193,31 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _labelled_loss(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None, labels: torch.Tensor,
+                       num_items_in_batch: int | torch.Tensor | None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """The decoder's loss with logits only where there is a label: in chat data most positions (images, system
+        and user turns, padding) have none, and at a large vocabulary the logits are a third of the forward's work.
+        Equal to the decoder's own loss (tested); `logits` holds the labelled positions' rows only, flattened."""
+        hidden = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                position_ids=position_ids, use_cache=False, **kwargs).last_hidden_state
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        logits = self.language_model.get_output_embeddings()(hidden[:, :-1][labelled])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+        if num_items_in_batch is None:
+            loss = loss / labelled.sum().clamp(min=1)
+        else:
+            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    @property
+    def _plain_head(self) -> bool:
+        """Whether the decoder's logits are its output layer applied to its last hidden state, nothing more (no
+        soft-capping or scaling), so that they may be taken at some positions only."""
+        head = self.language_model.get_output_embeddings()
+        return self.config.text_config.model_type in PLAIN_HEAD_DECODERS and type(head) is torch.nn.Linear
 
 
 AutoConfig.register("mmgpt", MMGPTConfig)

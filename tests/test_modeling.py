@@ -174,3 +174,53 @@ def test_average_pool_projector_from_config_to_saved_model(shapes_dir, tmp_path)
     assert average_pool(grid, (4, 4), 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # e.g. mean of 0, 1, 4, 5
     with pytest.raises(ValueError, match="either an average pool or a pixel shuffle"):
         build(tiny_config(shapes_dir, tmp_path, "model.projector_shuffle_factor=2", "model.projector_pool_size=1").model, [])
+
+
+DECODERS = {
+    "gpt2": "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256}",
+    "llama": "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+             "num_key_value_heads: 1, max_position_embeddings: 256}",
+    "lfm2": "{model_type: lfm2, hidden_size: 32, intermediate_size: 64, block_auto_adjust_ff_dim: false, "
+            "num_hidden_layers: 2, layer_types: [conv, full_attention], num_attention_heads: 2, num_key_value_heads: 2, "
+            "max_position_embeddings: 256}",
+    "qwen2": "{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+             "num_key_value_heads: 1, max_position_embeddings: 256}",
+}
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_loss_from_labelled_positions_only_equals_the_decoders_own(shapes_dir, tmp_path, monkeypatch, decoder, num_items):
+    """Chats padded to one length, most positions unlabelled: the same loss and the same gradients as the decoder's
+    loss over every position."""
+    from conftest import tiny_config
+    from mmgpt import modeling
+    from mmgpt.build import build
+
+    torch.manual_seed(0)
+    config = tiny_config(shapes_dir, tmp_path, f"model.text.config={DECODERS[decoder]}")
+    processor, model = build(config.model, ["a red circle and a blue square"] * 20)
+    chats = [[("What colour is the circle?", "red"), ("And the square?", "blue, like the sea")],
+             [("How many shapes?", "two")]]
+    samples = [parse_record({"messages": [message for question, answer in chat for message in (
+        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32), (200, 30, 30))},
+                                     {"type": "text", "text": question}]},
+        {"role": "assistant", "content": answer})]}) for chat in chats]
+    batch = collate([processor.encode(sample) for sample in samples], processor.special.pad)
+    assert (batch["labels"] != -100).float().mean() < 0.5
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=num_items).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    assert model._plain_head
+    fast_loss, fast_grads = loss_and_grads()
+    monkeypatch.setattr(modeling, "PLAIN_HEAD_DECODERS", frozenset())
+    assert not model._plain_head
+    full_loss, full_grads = loss_and_grads()
+    torch.testing.assert_close(fast_loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
