@@ -177,7 +177,8 @@ def test_average_pool_projector_from_config_to_saved_model(shapes_dir, tmp_path)
 
 
 DECODERS = {
-    "gpt2": "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256}",
+    "gpt2": "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256, resid_pdrop: 0.0, embd_pdrop: 0.0, "
+            "attn_pdrop: 0.0}",
     "llama": "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
              "num_key_value_heads: 1, max_position_embeddings: 256}",
     "lfm2": "{model_type: lfm2, hidden_size: 32, intermediate_size: 64, block_auto_adjust_ff_dim: false, "
