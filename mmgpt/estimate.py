@@ -1,7 +1,7 @@
 """What a run costs before it runs: parameters, FLOPs per sample, memory per GPU by sharding strategy, time.
 
 FLOPs count matrix multiplies (2 per multiply-add), as MFU figures do (PaLM appendix B): each linear layer once per
-token it sees, attention 4 * layers * width * sequence per token, backward twice the forward where weights train
+token it sees (the decoder's output layer only at labelled tokens, where the model computes logits in training), attention 4 * layers * width * sequence per token, backward twice the forward where weights train
 and once where only gradients flow through. Memory follows Korthikanti et al. 2022 for activations (34 bytes x
 width per token and layer at 16-bit with a fused attention; a checkpointed layer keeps only its input), and
 mixed-precision AdamW for the rest (fp32 weights, fp32 gradients, two fp32 moments).
@@ -47,6 +47,7 @@ class Tower:
     layers: int = 0  # attention layers
     width: int = 0
     positions: int = 0  # positions per image (vision, projector); 0 for the decoder (per token)
+    head_weights: int = 0  # the decoder's output layer, used at labelled positions only (in `matmul_weights` too)
     gradient_flows: bool = False  # some weight here or upstream trains, so backward passes through
 
 
@@ -78,29 +79,35 @@ class ModelCosts:
         text = model.config.text_config
         decoder = towers["language_model"]
         decoder.width = text.hidden_size
+        head = model.language_model.get_output_embeddings()
+        decoder.head_weights = head.weight.numel() if model._plain_head else 0
         decoder.layers = sum(1 for kind in getattr(text, "layer_types", None) or ["attention"] * text.num_hidden_layers
                              if "attention" in kind)
         parameters = {id(p): p for p in model.parameters()}.values()  # tied weights once
         return cls(sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad), towers)
 
-    def forward_flops(self, tokens: int, images: int, sequence: float) -> dict[str, tuple[float, float]]:
+    def forward_flops(self, tokens: int, images: int, sequence: float, labelled: float | None = None
+                      ) -> dict[str, tuple[float, float]]:
         """Forward FLOPs per tower, (linear layers, attention), for `tokens` decoder tokens in sequences of mean
-        length `sequence`."""
+        length `sequence`, `labelled` of them with a label (all when not given)."""
         vision, projector, decoder = (self.towers[name] for name in TOWERS)
+        labelled = tokens if labelled is None else labelled
         return {
             "vision": (images * 2 * vision.matmul_weights * vision.positions,
                        images * 4 * vision.layers * vision.width * vision.positions**2),
             "projector": (images * 2 * projector.matmul_weights * projector.positions, 0.0),
-            "language_model": (tokens * 2 * decoder.matmul_weights, tokens * 4 * decoder.layers * decoder.width * sequence),
+            "language_model": (2 * (tokens * (decoder.matmul_weights - decoder.head_weights)
+                                    + labelled * decoder.head_weights), tokens * 4 * decoder.layers * decoder.width * sequence),
         }
 
-    def training_flops(self, tokens: int, images: int, sequences: int, checkpointing: bool = False) -> float:
+    def training_flops(self, tokens: int, images: int, sequences: int, checkpointing: bool = False,
+                       labelled: float | None = None) -> float:
         """Forward + backward (+ the recomputed forward under activation checkpointing) of one training step.
 
         Where gradients flow, a linear layer's backward is its input gradient (1x forward) plus its weight gradient
         where the weight trains (1x); attention's is 2x (both operands of both products)."""
         total = 0.0
-        for name, (linear, attention) in self.forward_flops(tokens, images, tokens / max(1, sequences)).items():
+        for name, (linear, attention) in self.forward_flops(tokens, images, tokens / max(1, sequences), labelled).items():
             tower = self.towers[name]
             if not tower.gradient_flows:
                 total += linear + attention
@@ -111,7 +118,7 @@ class ModelCosts:
         return total
 
     def memory(self, strategy: str, gpus: int, micro_batch: int, tokens: float, images: float, bytes_per_activation: int,
-               checkpointing: bool, vocab_size: int) -> dict[str, float]:
+               checkpointing: bool, vocab_size: int, labelled: float) -> dict[str, float]:
         """Bytes per GPU: fp32 weights, fp32 gradients and AdamW's two fp32 moments of the trained weights, each
         sharded over the GPUs as the strategy does, and the activations of one micro-batch."""
         shard_weights = gpus if strategy == "fsdp" else 1
@@ -124,7 +131,8 @@ class ModelCosts:
                 kept = 2 / 2 * bytes_per_activation if checkpointing else per_token_layer
                 recompute = per_token_layer if checkpointing else 0
                 activations += micro_batch * count * tower.width * (tower.layers * kept + recompute)
-        activations += micro_batch * tokens * vocab_size * (bytes_per_activation + 8)  # logits, fp32 loss and grad
+        logit_rows = labelled if self.towers["language_model"].head_weights else tokens
+        activations += micro_batch * logit_rows * vocab_size * (bytes_per_activation + 8)  # logits, fp32 loss and grad
         return {
             "weights": 4 * self.parameters / shard_weights,
             "gradients": 4 * self.trainable / shard_state,
@@ -147,24 +155,24 @@ def estimate(config, gpus: int, gpu: str, mfu: float, data: str | None) -> dict:
             add_lora(model, config.train.lora)
     parameter_groups(model, config)
     costs = ModelCosts.of(model)
-    text_tokens, images = _tokens_per_sample(data, config)
+    text_tokens, labelled, images = _tokens_per_sample(data, config)
     tokens = text_tokens + images * (model.num_image_tokens + 2)
     micro = micro_batch_size(config.train.batch_size, gpus, config.train.grad_accum_steps)
     precision_bytes = 4 if config.train.mixed_precision == "no" else 2
     checkpointing = config.train.activation_checkpointing
-    per_sample = costs.training_flops(round(tokens), round(images), 1, checkpointing)
+    per_sample = costs.training_flops(round(tokens), round(images), 1, checkpointing, labelled)
     peak, memory_gib = GPUS[gpu]
     memory = {
         strategy: {
             setting: costs.memory(strategy, gpus, micro, tokens, images, precision_bytes, setting,
-                                  model.config.text_config.vocab_size)
+                                  model.config.text_config.vocab_size, labelled)
             for setting in (False, True)
         }
         for strategy in STRATEGIES
     }
     return {
         "parameters": costs.parameters, "trainable": costs.trainable,
-        "tokens_per_sample": tokens, "text_tokens": text_tokens, "images_per_sample": images,
+        "tokens_per_sample": tokens, "text_tokens": text_tokens, "labelled_tokens": labelled, "images_per_sample": images,
         "image_tokens": model.num_image_tokens, "flops_per_sample": per_sample, "micro_batch": micro,
         "gpus": gpus, "gpu": gpu, "gpu_memory_gib": memory_gib, "mfu": mfu, "checkpointing": checkpointing,
         "hours_per_million_samples": per_sample * 1e6 / (gpus * peak * 1e12 * mfu) / 3600,
@@ -193,17 +201,18 @@ def _architecture(config: ModelConfig) -> MMGPTConfig:
     return composite_config(config, text_config, 0)
 
 
-def _tokens_per_sample(data: str | None, config, limit: int = 1000) -> tuple[float, float]:
-    """Mean text tokens and images per record over the first `limit` records; GPT-2-like BPE is taken as about
-    4 characters a token when no data is given, and 64 text tokens and 1 image are assumed."""
+def _tokens_per_sample(data: str | None, config, limit: int = 1000) -> tuple[float, float, float]:
+    """Mean text tokens, labelled tokens (assistant turns, or all of a document) and images per record over the
+    first `limit` records, GPT-2-like BPE taken as about 4 characters a token; when no data is given, 64 text
+    tokens, 16 labelled and 1 image are assumed."""
     if not data:
-        return 64.0, 1.0
+        return 64.0, 16.0, 1.0
     from mmgpt.data.records import parse_record
 
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    characters, images, count = 0, 0, 0
+    characters, labelled, images, count = 0, 0.0, 0, 0
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if count == limit:
@@ -214,10 +223,12 @@ def _tokens_per_sample(data: str | None, config, limit: int = 1000) -> tuple[flo
             segments = [segment for turn in sample.turns for segment in turn.segments]
             characters += sum(len(s.text) for s in segments if not s.is_image) + 8 * len(sample.turns)  # + role tokens
             images += sum(1 for s in segments if s.is_image)
+            labelled += sum(sum(len(s.text) for s in turn.segments if not s.is_image) / 4 + 1
+                            for turn in sample.turns if turn.role in (None, "assistant"))
             count += 1
     if count == 0:
         raise ValueError(f"{path} holds no records")
-    return characters / 4 / count, images / count
+    return characters / 4 / count, labelled / count, images / count
 
 
 def format_estimate(figures: dict) -> str:
@@ -226,7 +237,8 @@ def format_estimate(figures: dict) -> str:
     lines = [
         f"parameters: {figures['parameters'] / 1e6:.1f}M total, {figures['trainable'] / 1e6:.2f}M trained",
         f"tokens per sample: {figures['tokens_per_sample']:.0f} ({figures['text_tokens']:.0f} text + "
-        f"{figures['images_per_sample']:.2f} images x {figures['image_tokens']} image tokens)",
+        f"{figures['images_per_sample']:.2f} images x {figures['image_tokens']} image tokens; "
+        f"{figures['labelled_tokens']:.0f} labelled)",
         f"training FLOPs per sample: {figures['flops_per_sample'] / 1e9:.2f} GFLOP",
         f"time per 1M samples on {figures['gpus']} x {figures['gpu']} at {figures['mfu']:.0%} MFU: "
         f"{figures['hours_per_million_samples']:.3g} h",

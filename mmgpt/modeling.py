@@ -24,10 +24,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmgpt.processing import IGNORE_INDEX
 from mmgpt.projector import Projector
+from mmgpt.vision import VisionEncoder
 
 # Decoders whose logits are `lm_head(last hidden state)` and nothing else; others take the decoder's own loss path.
 PLAIN_HEAD_DECODERS = frozenset({"gpt2", "llama", "lfm2", "mistral", "qwen2", "qwen3", "smollm3"})
-from mmgpt.vision import VisionEncoder
 
 
 class MMGPTConfig(PretrainedConfig):

@@ -379,7 +379,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             progress.set_postfix(loss=f"{mean_loss:.4f}")
 
             step_seconds = time.perf_counter() - step_started
-            flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size) / step_seconds
+            flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size,
+                                                labelled=int(global_tokens)) / step_seconds
             record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "supervised_tokens": int(global_tokens), "bad_steps": bad_total,
                       "steps_per_s": (step - first_step) / (time.perf_counter() - started),

@@ -52,7 +52,9 @@ def test_training_flops_match_what_torch_counts(shapes_dir, tmp_path, stage):
     with FlopCounterMode(display=False) as counter:
         model(**batch).loss.backward()
     images = batch["pixel_values"].shape[0]
-    predicted = ModelCosts.of(model).training_flops(batch["input_ids"].numel(), images, batch["input_ids"].shape[0])
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    predicted = ModelCosts.of(model).training_flops(batch["input_ids"].numel(), images, batch["input_ids"].shape[0],
+                                                    labelled=labelled)
     assert predicted == pytest.approx(counter.get_total_flops(), rel=0.03)
 
 
