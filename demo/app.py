@@ -197,14 +197,15 @@ def responder(model: MMGPT):
             yield IMAGE_RECEIVED
             return
         try:
-            messages, dropped = model.fit_to_context(messages, int(max_new_tokens))
+            prompt = model.prompt(messages, int(max_new_tokens))
         except ContextTooLongError as error:
             yield (NOTICE + f"this message is too long for the model ({error}). It was not sent; shorten it and try "
                    "again, the chat goes on without it.")
             return
-        note = f"\n\n{NOTICE}the {dropped} oldest messages no longer fit the context and were left out." if dropped else ""
+        note = (f"\n\n{NOTICE}the {prompt.dropped} oldest messages no longer fit the context and were left out."
+                if prompt.dropped else "")
         answer = ""
-        for piece in model.chat(messages, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+        for piece in model.chat(prompt, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
                                 temperature=max(temperature, 1e-5), top_p=top_p, stream=True):
             answer += piece
             yield answer

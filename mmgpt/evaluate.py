@@ -49,11 +49,7 @@ def _check_fits(model: MMGPT, items: list[EvalItem], max_new_tokens: int, shots:
     """A few-shot context that does not fit is an error, never silently cut to fewer shots."""
     for item in items:
         try:
-            if item.is_document:  # a document is never cut, so fitting is encoding it
-                model.encode_document(item.prompt, max_new_tokens, load_images=False)
-                dropped = 0
-            else:
-                _, dropped = model.fit_to_context(item.prompt, max_new_tokens)
+            dropped = model.prompt(item.prompt, max_new_tokens, document=item.is_document).dropped
         except ContextTooLongError as error:
             raise ContextTooLongError(f"{item.where} with {shots} shots: {error}") from None
         if dropped:

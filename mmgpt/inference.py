@@ -5,12 +5,16 @@
     model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                              {"type": "text", "text": "What colour is the circle?"}]}])
 
-Generation is transformers' `generate()`: greedy, sampling, streamers and the KV cache come from there.
+Generation is transformers' `generate()`: greedy, sampling, streamers and the KV cache come from there. Every
+entry point (chat, streaming, batched generate, complete, loglikelihood, evaluation, the demo) turns its input into
+a `Prompt` with one method, `MMGPT.prompt`; `chat` keeps the KV cache of each conversation it has read, so a
+follow-up turn reads only its new tokens and encodes only its new images.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,9 +23,10 @@ from transformers import TextIteratorStreamer
 
 from mmgpt.build import load_saved
 from mmgpt.data.collate import collate
-from mmgpt.data.records import Sample, parse_record
+from mmgpt.data.records import parse_record
 from mmgpt.modeling import MMGPTForConditionalGeneration
-from mmgpt.processing import Encoded, MMGPTProcessor
+from mmgpt.prefix_cache import PrefixCache, prompt_key
+from mmgpt.processing import IGNORE_INDEX, Encoded, MMGPTProcessor
 
 
 class ContextTooLongError(ValueError):
@@ -58,21 +63,38 @@ def check_generation(max_new_tokens: Any, do_sample: Any, temperature: Any, top_
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
-class MMGPT:
-    """A loaded model and its processor. One object may be shared across threads: calls are serialised."""
+@dataclass
+class Prompt:
+    """Messages (or a document) made ready for the model: token ids and the images in reading order, not yet
+    loaded. `dropped`: how many of the oldest messages were left out so that it fits the context."""
 
-    def __init__(self, model: MMGPTForConditionalGeneration, processor: MMGPTProcessor, source: str = ""):
+    ids: list[int]
+    images: list = field(default_factory=list)
+    source: str = "messages"
+    dropped: int = 0
+    document: bool = False
+
+
+class MMGPT:
+    """A loaded model and its processor. One object may be shared across threads: calls are serialised.
+
+    `cache_bytes` bounds the KV caches `chat` keeps of the conversations it has read (0: keep none)."""
+
+    def __init__(self, model: MMGPTForConditionalGeneration, processor: MMGPTProcessor, source: str = "",
+                 cache_bytes: int = 512 * 2**20):
         self.model = model.eval()
         self.processor = processor
         self.source = source
+        self.prefix_cache = PrefixCache(cache_bytes)
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MMGPT":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        cache_bytes: int = 512 * 2**20) -> "MMGPT":
         """Load a `save_pretrained` folder (e.g. OUTPUT_DIR/final). Device: CUDA if present, else CPU."""
         device = torch.device(device) if device is not None else default_device()
         processor, model = load_saved(path, dtype or torch.float32)
-        return cls(model.to(device), processor, str(path))
+        return cls(model.to(device), processor, str(path), cache_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -82,60 +104,87 @@ class MMGPT:
     def context_length(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 
-    def _sample(self, messages: list[dict]) -> Sample:
-        check_messages(messages)
-        return parse_record({"messages": messages}, base_dir=None, where="messages")
+    def prompt(self, messages: "list[dict] | Prompt", max_new_tokens: int, document: bool = False,
+               fit: bool = True) -> Prompt:
+        """Messages -> the prompt for the next assistant turn; with `document=True`, an interleaved document's
+        items -> the prompt to continue it (never cut: which part of a document may go is the caller's to say).
 
-    def _tokenize_prompt(self, messages: list[dict], max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
-        """Token ids, labels and image references of the prompt (no image loaded); `ContextTooLongError` if too long."""
-        return self._tokenize(self._sample(messages), max_new_tokens)
-
-    def _tokenize(self, sample: Sample, max_new_tokens: int) -> tuple[Sample, list[int], list[int], list]:
-        ids, labels, images = self.processor.tokenize(sample, add_generation_prompt=True)
+        Fitting (`fit=True`, chats only) drops the oldest whole exchanges until the prompt leaves room for
+        `max_new_tokens`: system messages and the newest user message always stay; before them the oldest go
+        first, a user message together with the replies that follow it, so no turn and no image is cut in half.
+        Each message is tokenised once and fitting counts; no image is loaded. `ContextTooLongError` says why
+        even the shortest form does not fit. A `Prompt` passes through unchanged."""
+        if isinstance(messages, Prompt):
+            return messages
         limit = self.context_length - max_new_tokens
-        if len(ids) > limit:
+        if document:
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("a document must be a non-empty list of {'type': 'text'|'image', ...} items")
+            sample = parse_record({"content": messages}, None, "document")
+            ids, _, images = self.processor.tokenize(sample, add_generation_prompt=True)
+            self._check_fits(len(ids), len(images), limit, max_new_tokens)
+            return Prompt(ids, images, sample.source, document=True)
+        check_messages(messages)
+        sample = parse_record({"messages": messages}, base_dir=None, where="messages")
+        turns = [t for t in sample.turns if t.role == "system"] + [t for t in sample.turns if t.role != "system"]
+        encoded = []
+        for turn in turns:
+            images: list = []
+            encoded.append((turn.role, self.processor.encode_message(turn, images)[0], images))
+        first = sum(role == "system" for role, _, _ in encoded)  # the first message that may be dropped
+        length = sum(len(ids) for _, ids, _ in encoded) + 1  # + <|assistant|>
+        kept = first
+        while length > limit and fit:
+            later_users = [i for i in range(kept + 1, len(encoded)) if encoded[i][0] == "user"]
+            if not later_users:
+                break
+            length -= sum(len(ids) for _, ids, _ in encoded[kept : later_users[0]])
+            kept = later_users[0]
+        encoded = encoded[:first] + encoded[kept:]
+        ids = [token for _, turn_ids, _ in encoded for token in turn_ids] + [self.processor.special.assistant]
+        images = [image for _, _, turn_images in encoded for image in turn_images]
+        self._check_fits(len(ids), len(images), limit, max_new_tokens)
+        return Prompt(ids, images, sample.source, dropped=kept - first)
+
+    def _check_fits(self, length: int, images: int, limit: int, max_new_tokens: int) -> None:
+        if length > limit:
             raise ContextTooLongError(
-                f"prompt is {len(ids)} tokens ({len(images)} image(s) of {self.processor.num_image_tokens + 2} "
+                f"prompt is {length} tokens ({images} image(s) of {self.processor.num_image_tokens + 2} "
                 f"tokens each included); with max_new_tokens={max_new_tokens} the limit is {limit} "
                 f"(context {self.context_length})"
             )
-        return sample, ids, labels, images
 
-    def encode_prompt(self, messages: list[dict], max_new_tokens: int) -> Encoded:
-        """The prompt for the next assistant turn, images loaded; raises `ContextTooLongError` if it cannot fit."""
-        sample, ids, labels, images = self._tokenize_prompt(messages, max_new_tokens)
-        return Encoded(ids, labels, self.processor.pixel_values(images, sample.source))
+    def _encoded(self, prompt: Prompt, images_from: int = 0) -> Encoded:
+        """The prompt with its images loaded, from image `images_from` on (those before it are already read)."""
+        pixels = self.processor.pixel_values(prompt.images[images_from:], prompt.source)
+        return Encoded(prompt.ids, [IGNORE_INDEX] * len(prompt.ids), pixels)
 
-    def fit_to_context(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
-        """Drop the oldest whole exchanges until the prompt fits; returns (messages kept, number dropped).
+    def _generate_kwargs(self, prompts: list[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
+                         top_p: float, images_from: int = 0) -> dict:
+        """`generate()`'s arguments for a left-padded batch; `images_from`: images before it are already read."""
+        encoded = [self._encoded(prompt, images_from) for prompt in prompts]
+        batch = collate(encoded, self.processor.special.pad, padding_side="left")
+        kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        special = self.processor.special
+        kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=[special.end, special.eos],
+                      pad_token_id=special.pad)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        # the model may only write text and end its turn: it never opens an image slot or a new turn
+        kwargs["suppress_tokens"] = [special.image, special.image_start, special.image_end, special.system,
+                                     special.user, special.assistant, special.pad]
+        if prompts[0].document:  # a document's text runs until its next image: stop there instead of forbidding it
+            kwargs["eos_token_id"] = [*kwargs["eos_token_id"], special.image_start]
+            kwargs["suppress_tokens"].remove(special.image_start)
+        return kwargs
 
-        The rule: system messages and the newest user message are always kept; before them, the oldest
-        messages go first, a user message together with the assistant replies that follow it, so no turn and no
-        image is ever cut in half. If even the shortest form does not fit, `ContextTooLongError` says why.
-        Only tokenises: no image is loaded while searching.
-        """
-        check_messages(messages)
-        system = [m for m in messages if m.get("role") == "system"]
-        rest = [m for m in messages if m.get("role") != "system"]
-        dropped = 0
-        while True:
-            try:
-                self._tokenize_prompt(system + rest, max_new_tokens)
-                return system + rest, dropped
-            except ContextTooLongError:
-                later_users = [i for i, m in enumerate(rest) if i > 0 and m.get("role") == "user"]
-                if not later_users:
-                    raise
-                dropped += later_users[0]
-                rest = rest[later_users[0] :]
-
-    def encode_document(self, content: list[dict], max_new_tokens: int, load_images: bool = True) -> Encoded:
-        """An interleaved document to continue (no end-of-document token); `ContextTooLongError` if it cannot fit.
-        Never cut: which part of a document may go is the caller's to say."""
-        if not isinstance(content, list) or not content:
-            raise ValueError("a document must be a non-empty list of {'type': 'text'|'image', ...} items")
-        sample, ids, labels, images = self._tokenize(parse_record({"content": content}, None, "document"), max_new_tokens)
-        return Encoded(ids, labels, self.processor.pixel_values(images, sample.source) if load_images else None)
+    def _generate_batch(self, prompts: list[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float) -> list[str]:
+        kwargs = self._generate_kwargs(prompts, max_new_tokens, do_sample, temperature, top_p)
+        with self._lock, torch.inference_mode():
+            output = self.model.generate(**kwargs)
+        prompt_length = kwargs["input_ids"].shape[1]
+        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
 
     def complete(
         self,
@@ -151,56 +200,29 @@ class MMGPT:
         check_generation(max_new_tokens, do_sample, temperature, top_p)
         if not isinstance(documents, list) or not documents:
             raise ValueError(f"documents must be a non-empty list of documents (lists of items), got {documents!r:.80}")
-        encoded = [self.encode_document(content, max_new_tokens) for content in documents]
-        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p, document=True)
-
-    def _generate_batch(self, encoded: list[Encoded], max_new_tokens: int, do_sample: bool, temperature: float,
-                        top_p: float, document: bool = False) -> list[str]:
-        batch = collate(encoded, self.processor.special.pad, padding_side="left")
-        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
-        if document:  # a document's text runs until its next image: stop there instead of forbidding it
-            kwargs["eos_token_id"] = [*kwargs["eos_token_id"], self.processor.special.image_start]
-            kwargs["suppress_tokens"].remove(self.processor.special.image_start)
-        with self._lock, torch.inference_mode():
-            output = self.model.generate(**kwargs)
-        prompt_length = batch["input_ids"].shape[1]
-        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
-
-    def _encode_fitted(self, messages: list[dict], max_new_tokens: int) -> Encoded:
-        return self.encode_prompt(self.fit_to_context(messages, max_new_tokens)[0], max_new_tokens)
-
-    def _generate_kwargs(self, batch: dict, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float) -> dict:
-        kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
-        special = self.processor.special
-        kwargs.update(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=[special.end, special.eos],
-                      pad_token_id=special.pad)
-        if do_sample:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        # the model may only write text and end its turn: it never opens an image slot or a new turn
-        kwargs["suppress_tokens"] = [special.image, special.image_start, special.image_end, special.system,
-                                     special.user, special.assistant, special.pad]
-        return kwargs
+        prompts = [self.prompt(content, max_new_tokens, document=True) for content in documents]
+        return self._generate_batch(prompts, max_new_tokens, do_sample, temperature, top_p)
 
     def generate(
         self,
-        conversations: list[list[dict]],
+        conversations: "list[list[dict] | Prompt]",
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> list[str]:
-        """Answer several conversations in one left-padded batch (each cut to fit by `fit_to_context`)."""
+        """Answer several conversations in one left-padded batch (each fitted to the context by `prompt`)."""
         check_generation(max_new_tokens, do_sample, temperature, top_p)
         if not isinstance(conversations, list) or not conversations:
             raise ValueError(f"conversations must be a non-empty list of message lists, got {conversations!r:.80}")
-        encoded = [self._encode_fitted(messages, max_new_tokens) for messages in conversations]
-        return self._generate_batch(encoded, max_new_tokens, do_sample, temperature, top_p)
+        prompts = [self.prompt(messages, max_new_tokens) for messages in conversations]
+        return self._generate_batch(prompts, max_new_tokens, do_sample, temperature, top_p)
 
     def loglikelihood(self, messages: list[dict], continuation: str) -> tuple[float, bool]:
         """Log-probability of `continuation` as the assistant's reply to `messages`, and whether greedy decoding
         would write exactly it: how multiple-choice benchmarks score a model."""
         continuation_ids = self.processor.encode_text(continuation)
-        prompt = self.encode_prompt(messages, max(1, len(continuation_ids)))
+        prompt = self._encoded(self.prompt(messages, max(1, len(continuation_ids)), fit=False))
         ids = torch.tensor([prompt.input_ids + continuation_ids], device=self.device)
         pixels = prompt.pixel_values.to(self.device) if prompt.pixel_values is not None else None
         with self._lock, torch.inference_mode():
@@ -212,32 +234,54 @@ class MMGPT:
 
     def chat(
         self,
-        messages: list[dict],
+        messages: "list[dict] | Prompt",
         max_new_tokens: int = 32,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
         stream: bool = False,
+        cache: bool = True,
     ) -> str | Iterator[str]:
-        """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come."""
-        if not stream:
-            return self.generate([messages], max_new_tokens, do_sample, temperature, top_p)[0]
+        """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come.
+
+        With `cache=True` the decoder's KV cache of this conversation is kept (within the `cache_bytes` bound), so
+        the next turn, whose messages begin with these plus the reply, reads only its new tokens and images."""
         check_generation(max_new_tokens, do_sample, temperature, top_p)
-        encoded = self._encode_fitted(messages, max_new_tokens)
-        batch = collate([encoded], self.processor.special.pad, padding_side="left")
-        kwargs = self._generate_kwargs(batch, max_new_tokens, do_sample, temperature, top_p)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        prompt = self.prompt(messages, max_new_tokens)
+        special = self.processor.special
+        key = prompt_key(prompt.ids, prompt.images, special.image_start, special.image_end) if cache else None
+        streamer = None
+        if stream:
+            streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                            timeout=300)
+
+        def run() -> str:
+            with self._lock, torch.inference_mode():
+                past, reused = self.prefix_cache.take(key, special.image_start) if cache else (None, 0)
+                images_read = sum(token == special.image_start for token in prompt.ids[:reused])
+                kwargs = self._generate_kwargs([prompt], max_new_tokens, do_sample, temperature, top_p, images_read)
+                if past is not None:
+                    kwargs[self.model._cache_argument] = past
+                output = self.model.generate(**kwargs, streamer=streamer, return_dict_in_generate=True)
+                if cache:
+                    kept = getattr(output, "cache", None)
+                    kept = kept if kept is not None else output.past_key_values  # its name before transformers 5.24
+                    sequence = output.sequences[0].tolist()
+                    self.prefix_cache.put(key + sequence[len(prompt.ids) : kept.get_seq_length()], kept, len(key))
+            return self.processor.decode(output.sequences[0, len(prompt.ids) :]).strip()
+
+        if not stream:
+            return run()
         errors: list[BaseException] = []
 
-        def run() -> None:
+        def in_thread() -> None:
             try:
-                with self._lock, torch.inference_mode():
-                    self.model.generate(**kwargs, streamer=streamer)
+                run()
             except BaseException as error:  # surfaced to the consumer below
                 errors.append(error)
                 streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=in_thread, daemon=True)
         thread.start()
 
         def pieces() -> Iterator[str]:

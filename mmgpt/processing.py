@@ -69,6 +69,14 @@ class MMGPTProcessor:
                 labels += text_ids if supervised else [IGNORE_INDEX] * len(text_ids)
         return ids, labels
 
+    def encode_message(self, turn: Turn, images: list) -> tuple[list[int], list[int]]:
+        """One chat message, <|role|> content <|end|>, labelled where the assistant wrote it; its images are
+        appended to `images`. A chat's ids are its messages' ids end to end."""
+        supervised = turn.role == "assistant"
+        turn_ids, turn_labels = self._encode_turn(turn, supervised, images)
+        end_label = self.special.end if supervised else IGNORE_INDEX
+        return [self.special.role(turn.role), *turn_ids, self.special.end], [IGNORE_INDEX, *turn_labels, end_label]
+
     def tokenize(self, sample: Sample, add_generation_prompt: bool = False) -> tuple[list[int], list[int], list]:
         """Token ids, labels and image references of one sample (images not loaded yet).
 
@@ -84,11 +92,9 @@ class MMGPTProcessor:
                 return turn_ids, turn_labels, images
             return turn_ids + [self.special.eos], turn_labels + [self.special.eos], images
         for turn in sample.turns:
-            supervised = turn.role == "assistant"
-            turn_ids, turn_labels = self._encode_turn(turn, supervised, images)
-            end_label = self.special.end if supervised else IGNORE_INDEX
-            ids += [self.special.role(turn.role), *turn_ids, self.special.end]
-            labels += [IGNORE_INDEX, *turn_labels, end_label]
+            turn_ids, turn_labels = self.encode_message(turn, images)
+            ids += turn_ids
+            labels += turn_labels
         if add_generation_prompt:
             ids.append(self.special.assistant)
             labels.append(IGNORE_INDEX)

@@ -48,11 +48,13 @@ def test_long_history_drops_whole_oldest_exchanges(api):
     for turn in range(30):
         history += [ask(f"question number {turn} about this picture"), {"role": "assistant", "content": "red"}]
     messages = [{"role": "system", "content": "Be brief."}] + history + [ask("last question")]
-    kept, dropped = api.fit_to_context(messages, max_new_tokens=16)
-    assert dropped > 0 and dropped % 2 == 0  # whole user + assistant pairs
-    assert kept[0]["role"] == "system" and kept[-1] == messages[-1]
-    assert kept[1:] == messages[1 + dropped :]
-    assert len(api.encode_prompt(kept, 16).input_ids) <= api.context_length - 16
+    prompt = api.prompt(messages, max_new_tokens=16)
+    assert prompt.dropped > 0 and prompt.dropped % 2 == 0  # whole user + assistant pairs
+    kept = messages[:1] + messages[1 + prompt.dropped :]  # the system message stays, the oldest exchanges go
+    assert prompt.ids == api.prompt(kept, 16, fit=False).ids
+    assert len(prompt.ids) <= api.context_length - 16
+    with pytest.raises(ContextTooLongError):  # the fewest dropped: one exchange more does not fit
+        api.prompt(messages[:1] + messages[1 + prompt.dropped - 2 :], 16, fit=False)
     assert isinstance(api.chat(messages, max_new_tokens=4), str)
 
 
@@ -90,9 +92,9 @@ def test_documents_are_continued_in_a_batch_as_one_by_one(api):
 
 def test_a_document_to_continue_is_left_open_and_never_cut(api):
     document = [{"type": "text", "text": "two words"}, picture((0, 0, 0))]
-    encoded = api.encode_document(document, max_new_tokens=4)
-    assert encoded.input_ids[-1] == api.processor.special.image_end and encoded.num_images == 1
-    assert api.processor.special.eos not in encoded.input_ids
+    prompt = api.prompt(document, max_new_tokens=4, document=True)
+    assert prompt.ids[-1] == api.processor.special.image_end and len(prompt.images) == 1
+    assert api.processor.special.eos not in prompt.ids
     with pytest.raises(ContextTooLongError, match=r"prompt is \d+ tokens"):
         api.complete([[{"type": "text", "text": "word " * 400}]], max_new_tokens=4)
     with pytest.raises(ValueError, match="non-empty list"):
