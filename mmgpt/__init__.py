@@ -4,6 +4,7 @@ from mmgpt.images import ImageError, load_image
 from mmgpt.inference import MMGPT, ContextTooLongError
 from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
 from mmgpt.processing import MMGPTProcessor
+from mmgpt.transformers_processor import MMGPTTransformersProcessor
 
 __all__ = [
     "MMGPT",
@@ -12,5 +13,6 @@ __all__ = [
     "MMGPTConfig",
     "MMGPTForConditionalGeneration",
     "MMGPTProcessor",
+    "MMGPTTransformersProcessor",
     "load_image",
 ]

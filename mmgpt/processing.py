@@ -130,6 +130,10 @@ class MMGPTProcessor:
             "num_image_tokens": self.num_image_tokens,
         }
         (folder / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        from mmgpt.transformers_processor import transformers_processor
+
+        transformers_processor(self.tokenizer, self.transform.size, self.transform.mean, self.transform.std,
+                               self.transform.interpolation, self.num_image_tokens).save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "MMGPTProcessor":
