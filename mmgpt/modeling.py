@@ -28,6 +28,9 @@ from mmgpt.vision import VisionEncoder
 
 # Decoders whose logits are `lm_head(last hidden state)` and nothing else; others take the decoder's own loss path.
 PLAIN_HEAD_DECODERS = frozenset({"gpt2", "llama", "lfm2", "mistral", "qwen2", "qwen3", "smollm3"})
+# Decoders where tokens meet only in attention, masked by transformers' packed-sequence masks (restarting
+# positions, no attention mask): packed samples cannot see each other. Not LFM2: its convolutions cross samples.
+PACKABLE_DECODERS = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3"})
 
 
 class MMGPTConfig(PretrainedConfig):
@@ -180,6 +183,8 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
             # Positions count real tokens only, so left-padded rows see the same positions as unpadded ones.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        if labels is not None:
+            use_cache = False  # a training forward: no cache, which would also turn off packed-sequence masks
         if labels is not None and self._plain_head:
             return self._labelled_loss(inputs_embeds, attention_mask, position_ids, labels,
                                        kwargs.pop("num_items_in_batch", None), **kwargs)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
 from mmgpt.build import build
-from mmgpt.config import Config, check_values
+from mmgpt.config import Config, ConfigError, check_values
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
 from mmgpt.data.loader import (
@@ -35,7 +35,7 @@ from mmgpt.data.records import Sample
 from mmgpt.data.shards import ShardStream, shard_index
 from mmgpt.estimate import ModelCosts, peak_flops_of
 from mmgpt.lora import add_lora, is_adapter, merge_lora
-from mmgpt.modeling import MMGPTForConditionalGeneration
+from mmgpt.modeling import PACKABLE_DECODERS, MMGPTForConditionalGeneration
 from mmgpt.plot import plot_metrics
 from mmgpt.processing import IGNORE_INDEX
 
@@ -148,11 +148,12 @@ def _supervised_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def _counts(micro_batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+def _counts(micro_batches: list[dict[str, torch.Tensor]], device: torch.device, pad_id: int) -> torch.Tensor:
     """(supervised tokens, tokens, images) of this process's micro-batches, to be summed over processes at once."""
     return torch.stack([
         sum(_supervised_tokens(batch) for batch in micro_batches),
-        sum(batch["attention_mask"].sum() for batch in micro_batches),
+        sum(batch["attention_mask"].sum() if "attention_mask" in batch else (batch["input_ids"] != pad_id).sum()
+            for batch in micro_batches),  # packed batches have no mask: padding only at the rows' ends
         torch.tensor(sum(len(batch.get("pixel_values", ())) for batch in micro_batches), device=device),
     ])
 
@@ -229,6 +230,11 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         add_lora(model, config.train.lora)
     if config.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    decoder_type = model.config.text_config.model_type
+    if config.train.packing and decoder_type not in PACKABLE_DECODERS:
+        raise ConfigError(f"train.packing: the {decoder_type} decoder mixes tokens outside attention, so packed samples "
+                          f"would see each other; packing works with {', '.join(sorted(PACKABLE_DECODERS))} "
+                          "(set train.packing=false: length-grouped padding)")
     max_length = config.data.max_length or model.config.text_config.max_position_embeddings
     train_set = EncodedDataset([] if stream else train_samples, processor, max_length, config.data.skip_bad_records)
     eval_set = EncodedDataset(eval_samples, processor, max_length, config.data.skip_bad_records)
@@ -340,18 +346,20 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     if stream is not None:
         streams = ShardStream(stream, SampleEncoder(processor, max_length, config.data.skip_bad_records), config.seed,
                               config.data.shuffle_buffer, micro_size, step * accum, rank, world)
-        loader = batch_loader(streams, None, processor.special.pad, workers, accelerator.device, batch_size=micro_size)
+        loader = batch_loader(streams, None, processor.special.pad, workers, accelerator.device, batch_size=micro_size,
+                              packing=config.train.packing)
     else:
         sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
                               world, accum, rank)
-        loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device)
+        loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device,
+                              packing=config.train.packing)
     with _StopFlag() as stop, running(loader) as batches:
         while step < config.train.max_steps:
             step_started = time.perf_counter()
             micro_batches = [to_device(next(batches)) for _ in range(accum)]
             # The loss is a sum over the supervised tokens of the whole global batch divided by their count, so a
             # step's gradient is the same on 1 process or N, in one batch or in accumulated micro-batches.
-            global_tokens, tokens, images = accelerator.reduce(_counts(micro_batches, accelerator.device), "sum")
+            global_tokens, tokens, images = accelerator.reduce(_counts(micro_batches, accelerator.device, processor.special.pad), "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
             for batch in micro_batches:
                 with accelerator.accumulate(model):

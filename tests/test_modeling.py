@@ -225,3 +225,56 @@ def test_loss_from_labelled_positions_only_equals_the_decoders_own(shapes_dir, t
     assert fast_grads.keys() == full_grads.keys()
     for name in full_grads:
         torch.testing.assert_close(fast_grads[name], full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("decoder", ["gpt2", "llama", "qwen2"])
+def test_packed_samples_see_only_themselves(shapes_dir, tmp_path, decoder):
+    """Samples packed end to end in rows: each sample's logits are the ones it gets alone, and the loss and the
+    gradients are the padded batch's."""
+    from conftest import tiny_config
+    from mmgpt.build import build
+    from mmgpt.data.collate import pack
+
+    torch.manual_seed(0)
+    processor, model = build(tiny_config(shapes_dir, tmp_path, f"model.text.config={DECODERS[decoder]}").model,
+                             ["a red circle and a blue square"] * 20)
+    image = {"type": "image", "image": Image.new("RGB", (32, 32), (200, 30, 30))}
+    records = [{"messages": [{"role": "user", "content": [image, {"type": "text", "text": "What colour is the circle? " * 6}]},
+                             {"role": "assistant", "content": "red"}]},
+               {"messages": [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "two"}]},
+               {"content": [{"type": "text", "text": "a blue square"}, image]},
+               {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "And?"}]},
+                             {"role": "assistant", "content": "a red circle"}]}]
+    encoded = [processor.encode(parse_record(record)) for record in records]
+    packed, padded = pack(encoded, processor.special.pad), collate(encoded, processor.special.pad)
+    assert packed["input_ids"].shape[0] < len(encoded) and "attention_mask" not in packed
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       pixel_values=packed["pixel_values"], use_cache=False).logits  # a cache turns packing off
+        found = 0
+        for row, positions in enumerate(packed["position_ids"]):
+            starts = [*(positions == 0).nonzero().flatten().tolist(), len(positions)]
+            for start, end in zip(starts, starts[1:]):
+                ids = packed["input_ids"][row, start:end].tolist()
+                matches = [sample for sample in encoded if sample.input_ids == ids]
+                if not matches:
+                    continue  # the padding at the row's end
+                alone = model(**inputs(collate(matches[:1], processor.special.pad))).logits[0]
+                torch.testing.assert_close(logits[row, start:end], alone, rtol=1e-5, atol=1e-5)
+                found += 1
+        assert found == len(encoded)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=17).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    packed_loss, packed_grads = loss_and_grads(packed)
+    padded_loss, padded_grads = loss_and_grads(padded)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -121,6 +121,25 @@ def test_gradient_accumulation_equals_one_big_batch(shapes_dir, tmp_path):
     assert {int(s["step"]) for s in optimizer_steps["state"].values()} == {2}
 
 
+def test_packed_batches_train_as_padded_ones(shapes_dir, tmp_path):
+    """`train.packing`: the same losses and gradient norms as length-grouped padding, step by step."""
+    runs = {}
+    for packing in (False, True):
+        runs[packing] = tmp_path / f"packing-{packing}"
+        train(tiny_config(shapes_dir, runs[packing], "train.max_steps=3", "train.batch_size=8", "train.save_every=100",
+                          f"train.packing={str(packing).lower()}", "data.eval="))
+    padded, packed = ([json.loads(line) for line in (runs[p] / "metrics.jsonl").read_text().splitlines()]
+                      for p in (False, True))
+    for one, other in zip(padded, packed, strict=True):
+        assert other["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert other["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        assert other["supervised_tokens"] == one["supervised_tokens"]
+    from conftest import TINY_LFM2
+
+    with pytest.raises(ValueError, match="train.packing: the lfm2 decoder"):
+        train(tiny_config(shapes_dir, tmp_path / "lfm2", TINY_LFM2, "train.packing=true", "train.max_steps=1"))
+
+
 def test_resumed_and_fresh_runs_save_the_same_generation_settings(shapes_dir, tmp_path):
     overrides = ["train.max_steps=2", "train.save_every=1", "data.eval="]
     train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
