@@ -5,7 +5,8 @@ of each side, alternating which goes first, so drifts in the machine's speed hit
 precision: seconds per step (median/min), samples/s, text tokens/s (the same text on both sides), FLOPs per step
 as torch counts them (each side's own work), achieved FLOP/s against the matmul ceiling measured in the same run,
 and peak memory of two steps (optimizer state included) above the built model, each side in a fresh process.
-`--ablate` adds mmgpt computing logits at every position (the decoder's own loss).
+`--ablate` adds mmgpt computing logits at every position (the decoder's own loss) and mmgpt with the batch packed
+(`train.packing`) instead of padded.
 
     python benchmarks/bench_train.py [--sizes tiny small] [--dtypes bf16 fp32] [--repeats 10] [--ablate]
 """
@@ -71,7 +72,8 @@ def build_side(name: str, size_name: str) -> torch.nn.Module:
 
 def side_step(name: str, size_name: str, model: torch.nn.Module, autocast) -> tuple[dict, object]:
     batch_size, prompt, answer, _ = WORKLOADS[size_name]
-    batch = chat_batch("llava" if name == "llava" else "mmgpt", SIZES[size_name], batch_size, prompt, answer)
+    batch = chat_batch("llava" if name == "llava" else "mmgpt", SIZES[size_name], batch_size, prompt, answer,
+                       packed=name == "mmgpt packed")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return batch, lambda: train_step(model, optimizer, batch, autocast)
 
@@ -90,7 +92,7 @@ def memory_of(name: str, size_name: str, dtype: str) -> dict:
 def run(size_name: str, dtype: str, repeats: int, ablate: bool, ceilings: dict[str, float]) -> dict:
     size = SIZES[size_name]
     batch_size = WORKLOADS[size_name][0]
-    names = ["mmgpt", "llava"] + (["mmgpt full logits"] if ablate else [])
+    names = ["mmgpt", "llava"] + (["mmgpt full logits", "mmgpt packed"] if ablate else [])
     autocast = autocast_for(dtype)
     sides = {}
     for name in names:
@@ -107,13 +109,15 @@ def run(size_name: str, dtype: str, repeats: int, ablate: bool, ceilings: dict[s
         for name in order:
             sides[name]["times"].append(timed(sides[name]["step"]))
     text_tokens = int(sides["mmgpt"]["batch"]["attention_mask"].sum()) - batch_size * (size.patches // size.shuffle**2)
-    report = {"size": size_name, "dtype": dtype, "batch": batch_size, "text_tokens": text_tokens, "sides": {}}
+    padding = 1 - sides["mmgpt"]["batch"]["attention_mask"].float().mean().item()
+    report = {"size": size_name, "dtype": dtype, "batch": batch_size, "text_tokens": text_tokens, "padding": padding,
+              "sides": {}}
     for name, side in sides.items():
         median = statistics.median(side["times"])
         report["sides"][name] = {
             "seconds": side["times"], "median": median, "min": min(side["times"]),
             "samples_per_s": batch_size / median, "text_tokens_per_s": text_tokens / median,
-            "sequence": side["batch"]["input_ids"].shape[1], "gflop": side["flops"] / 1e9,
+            "sequence": side["batch"]["input_ids"].shape[1], "rows": side["batch"]["input_ids"].shape[0], "gflop": side["flops"] / 1e9,
             "tflops_per_s": side["flops"] / median / 1e12, "ceiling_share": side["flops"] / median / ceilings[dtype],
             "peak_mb": side["memory"] / 1e6, "parameters_m": side["parameters"] / 1e6,
             "trained_m": side["trained"] / 1e6,
@@ -123,13 +127,13 @@ def run(size_name: str, dtype: str, repeats: int, ablate: bool, ceilings: dict[s
 
 def print_report(report: dict, ceilings: dict[str, float]) -> None:
     mmgpt = report["sides"]["mmgpt"]
-    print(f"\n{report['size']}, {report['dtype']}, batch {report['batch']}, {report['text_tokens']} text tokens a step "
-          f"(ceiling {ceilings[report['dtype']] / 1e12:.2f} TFLOP/s)")
-    print(f"{'side':<18} {'s/step med/min':>15} {'samples/s':>9} {'text tok/s':>10} {'seq':>5} {'GFLOP':>7} "
+    print(f"\n{report['size']}, {report['dtype']}, batch {report['batch']}, {report['text_tokens']} text tokens a step, "
+          f"{report['padding']:.0%} of mmgpt's padded batch is padding (ceiling {ceilings[report['dtype']] / 1e12:.2f} TFLOP/s)")
+    print(f"{'side':<18} {'s/step med/min':>15} {'samples/s':>9} {'text tok/s':>10} {'rows x len':>10} {'GFLOP':>7} "
           f"{'TFLOP/s':>7} {'ceiling':>7} {'peak MB':>8} {'params M':>9} {'speedup':>7}")
     for name, side in report["sides"].items():
         print(f"{name:<18} {median_min(side['seconds']):>15} {side['samples_per_s']:>9.2f} "
-              f"{side['text_tokens_per_s']:>10.0f} {side['sequence']:>5} {side['gflop']:>7.1f} "
+              f"{side['text_tokens_per_s']:>10.0f} {side['rows']:>5}x{side['sequence']:<4} {side['gflop']:>7.1f} "
               f"{side['tflops_per_s']:>7.3f} {side['ceiling_share']:>7.1%} {side['peak_mb']:>8.0f} "
               f"{side['parameters_m']:>9.2f} {side['median'] / mmgpt['median']:>6.2f}x")
 

@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from mmgpt.data.collate import collate, pack
 from mmgpt.modeling import MMGPTConfig, MMGPTForConditionalGeneration
+from mmgpt.processing import Encoded
 
 
 @dataclass(frozen=True)
@@ -80,27 +82,22 @@ def image_tokens(side: str, size: Size) -> int:
     return size.patches // size.shuffle**2 if side == "mmgpt" else size.patches
 
 
-def chat_batch(side: str, size: Size, batch: int, prompt: int, answer: int, seed: int = 0) -> dict:
-    """Right-padded chat rows: a prompt of about `prompt` text tokens around one image, then an answer of about
-    `answer` labelled tokens; lengths vary by row (as real chats do) and are the same on both sides."""
+def chat_batch(side: str, size: Size, batch: int, prompt: int, answer: int, seed: int = 0, packed: bool = False) -> dict:
+    """Chat rows: a prompt of about `prompt` text tokens around one image, then an answer of about `answer`
+    labelled tokens; lengths vary by row (0.5-1.5x, as a loader without length grouping gives) and are the same on
+    both sides. Right-padded by mmgpt's `collate`, or packed by its `pack`."""
     generator = torch.Generator().manual_seed(seed)
     image = image_tokens(side, size)
-    rows, labels = [], []
+    samples = []
     for _ in range(batch):
         prompt_length = int(prompt * (0.5 + torch.rand((), generator=generator)))
         answer_length = max(2, int(answer * (0.5 + torch.rand((), generator=generator))))
         text = torch.randint(0, size.vocab - 1, (prompt_length + answer_length,), generator=generator)
-        ids = torch.cat([text[:8], torch.full((image,), size.vocab - 1), text[8:]])
-        rows.append(ids)
-        labels.append(torch.cat([torch.full((len(ids) - answer_length,), -100), ids[-answer_length:]]))
-    length = max(len(row) for row in rows)
-    input_ids = torch.zeros(batch, length, dtype=torch.long)
-    label_ids = torch.full((batch, length), -100)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    for index, (row, label) in enumerate(zip(rows, labels)):
-        input_ids[index, : len(row)], label_ids[index, : len(row)], attention_mask[index, : len(row)] = row, label, 1
-    pixels = torch.randn(batch, 3, size.image_size, size.image_size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels, "labels": label_ids}
+        ids = torch.cat([text[:8], torch.full((image,), size.vocab - 1), text[8:]]).tolist()
+        labels = [-100] * (len(ids) - answer_length) + ids[-answer_length:]
+        pixels = torch.randn(1, 3, size.image_size, size.image_size, generator=generator)
+        samples.append(Encoded(ids, labels, pixels))
+    return pack(samples, pad_id=0) if packed else collate(samples, pad_id=0)
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
