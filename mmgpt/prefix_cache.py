@@ -31,7 +31,10 @@ def image_identity(image: Any) -> str:
     of the bytes of an in-memory or embedded image."""
     if isinstance(image, (str, Path)):
         path = Path(image).resolve()
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return f"unreadable:{path}"  # loading it says why, in the image loader's words
         return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
     if isinstance(image, ImageBytes):
         return "bytes:" + hashlib.blake2b(image.data, digest_size=16).hexdigest()

@@ -112,3 +112,11 @@ def test_a_convolutional_decoder_continues_its_conversation(shapes_dir, tmp_path
     assert reads.images == [1, 3]  # with the cache only the new picture is encoded
     asked_again = api.chat(follow_up, max_new_tokens=8)  # would need a cut: read afresh, the same answer
     assert asked_again == api.chat(follow_up, max_new_tokens=8, cache=False)
+
+
+def test_a_missing_picture_is_the_image_loaders_error(api, tmp_path):
+    from mmgpt import ImageError
+
+    with pytest.raises(ImageError, match="file not found"):
+        api.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
+                                               {"type": "text", "text": "What is it?"}]}], max_new_tokens=4)
