@@ -88,7 +88,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # stop after this many NaN/inf steps in a row
     num_workers: int = -1  # processes that decode images ahead of the step; -1 = up to 8 a GPU, 1 on a CPU
     packing: bool = False  # several samples per row, each seeing only itself, instead of padding (attention decoders)
-    compile: bool = False  # torch.compile each repeated block (decoder layers, ViT blocks) with dynamic shapes
+    compile: bool = False  # torch.compile each decoder layer and ViT block in place (dynamic shapes)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30 % more compute
     peak_tflops: float = 0.0  # the device's peak for the logged MFU; 0 = known GPUs' datasheet figure, none on CPU

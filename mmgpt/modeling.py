@@ -123,6 +123,13 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         super().gradient_checkpointing_enable(gradient_checkpointing_kwargs or {"use_reentrant": False})
         self.vision.vit.set_grad_checkpointing(True)
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` each decoder layer and ViT block in place, with dynamic shapes: one compilation serves
+        every block of a kind and every batch length, and names, weights and checkpoints stay as they are."""
+        for module in self.modules():
+            if type(module).__name__ in self._no_split_modules:
+                module.compile(dynamic=True)
+
     @property
     def num_image_tokens(self) -> int:
         return self.projector.num_tokens(self.vision.num_patches)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
@@ -212,8 +212,6 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         mixed_precision=mixed_precision_for(config.train.mixed_precision),
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,  # the schedule advances once per optimizer step, whatever the processes
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True)
-        if config.train.compile else None,
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_launch(accelerator, accum)
@@ -232,6 +230,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         add_lora(model, config.train.lora)
     if config.train.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if config.train.compile:
+        model.compile_blocks()
     decoder_type = model.config.text_config.model_type
     if config.train.packing and decoder_type not in PACKABLE_DECODERS:
         raise ConfigError(f"train.packing: the {decoder_type} decoder mixes tokens outside attention, so packed samples "

@@ -140,6 +140,20 @@ def test_packed_batches_train_as_padded_ones(shapes_dir, tmp_path):
         train(tiny_config(shapes_dir, tmp_path / "lfm2", TINY_LFM2, "train.packing=true", "train.max_steps=1"))
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_as_plain_ones_and_save_plain_weights(shapes_dir, tmp_path):
+    """`train.compile`: each decoder layer and ViT block compiled in place; the same losses, and a final model whose
+    weights load into a plain model."""
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = tmp_path / f"compile-{compiled}"
+        train(tiny_config(shapes_dir, runs[compiled], "train.max_steps=3", "train.batch_size=8", "data.eval=",
+                          f"train.compile={str(compiled).lower()}", "train.save_every=2"))
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-4)
+    assert isinstance(MMGPT.from_pretrained(runs[True] / "final", device="cpu").chat(
+        [{"role": "user", "content": "hi"}], max_new_tokens=2), str)
+
+
 def test_resumed_and_fresh_runs_save_the_same_generation_settings(shapes_dir, tmp_path):
     overrides = ["train.max_steps=2", "train.save_every=1", "data.eval="]
     train(tiny_config(shapes_dir, tmp_path / "fresh", *overrides))
