@@ -264,10 +264,9 @@ class MMGPT:
                     kwargs[self.model._cache_argument] = past
                 output = self.model.generate(**kwargs, streamer=streamer, return_dict_in_generate=True)
                 if cache:
-                    kept = getattr(output, "cache", None)
-                    kept = kept if kept is not None else output.past_key_values  # its name before transformers 5.24
                     sequence = output.sequences[0].tolist()
-                    self.prefix_cache.put(key + sequence[len(prompt.ids) : kept.get_seq_length()], kept, len(key))
+                    self.prefix_cache.put(key + sequence[len(prompt.ids) : output.cache.get_seq_length()], output.cache,
+                                          len(key))
             return self.processor.decode(output.sequences[0, len(prompt.ids) :]).strip()
 
         if not stream:

@@ -87,7 +87,8 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     @functools.cached_property
     def _cache_argument(self) -> str:
-        """The decoder's name for its KV cache: `cache` from transformers 5.24 on, `past_key_values` before."""
+        """The decoder's name for its KV cache: `cache` in transformers' own models, `past_key_values` in decoders
+        written to the older convention (remote code)."""
         return "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
 
     @classmethod
