@@ -114,9 +114,7 @@ def test_a_convolutional_decoder_continues_its_conversation(shapes_dir, tmp_path
     assert asked_again == api.chat(follow_up, max_new_tokens=8, cache=False)
 
 
-def test_a_missing_picture_is_the_image_loaders_error(api, tmp_path):
-    from mmgpt import ImageError
-
-    with pytest.raises(ImageError, match="file not found"):
+def test_a_missing_picture_is_a_clear_error(api, tmp_path):
+    with pytest.raises(ValueError, match="gone.png': file not found"):
         api.chat([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
                                                {"type": "text", "text": "What is it?"}]}], max_new_tokens=4)
