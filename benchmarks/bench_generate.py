@@ -17,6 +17,7 @@ import json
 import statistics
 
 import torch
+from PIL import Image
 
 from peers import SIZES, Size, build_llava, build_mmgpt, image_tokens, median_min, timed
 
@@ -95,20 +96,18 @@ def second_turn(size_name: str, dtype: torch.dtype, repeats: int) -> dict:
     def picture(seed: int) -> dict:
         pixels = torch.randint(0, 255, (size.image_size, size.image_size, 3), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(seed))
-        from PIL import Image
         return {"type": "image", "image": Image.fromarray(pixels.numpy())}
 
     turn_1 = [{"role": "system", "content": "You describe pictures."},
               {"role": "user", "content": [picture(0), picture(1), {"type": "text", "text": text}]}]
     tokens_1 = len(api.prompt(turn_1, 1).ids)
+    turn_2 = turn_1 + [{"role": "assistant", "content": " ".join(words[:24])},
+                       {"role": "user", "content": "And what is in the corner of the second one?"}]
     times: dict[str, list[float]] = {"turn 1": [], "turn 2 cached": [], "turn 2 uncached": []}
     for _ in range(repeats + 1):
         api.prefix_cache.clear()
         times["turn 1"].append(timed(lambda: api.chat(turn_1, max_new_tokens=1)))
-        reply = " ".join(words[:24])
         api.chat(turn_1, max_new_tokens=24)  # the reply's keys and values join the cache, as in a real chat
-        turn_2 = turn_1 + [{"role": "assistant", "content": reply},
-                           {"role": "user", "content": "And what is in the corner of the second one?"}]
         times["turn 2 cached"].append(timed(lambda: api.chat(turn_2, max_new_tokens=1)))
         times["turn 2 uncached"].append(timed(lambda: api.chat(turn_2, max_new_tokens=1, cache=False)))
     times = {name: values[1:] for name, values in times.items()}  # the first round warms up

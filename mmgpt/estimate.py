@@ -1,8 +1,9 @@
 """What a run costs before it runs: parameters, FLOPs per sample, memory per GPU by sharding strategy, time.
 
 FLOPs count matrix multiplies (2 per multiply-add), as MFU figures do (PaLM appendix B): each linear layer once per
-token it sees (the decoder's output layer only at labelled tokens, where the model computes logits in training), attention 4 * layers * width * sequence per token, backward twice the forward where weights train
-and once where only gradients flow through. Memory follows Korthikanti et al. 2022 for activations (34 bytes x
+token it sees (the decoder's output layer only at labelled tokens: training computes logits there alone), attention
+4 * layers * width * sequence per token, backward twice the forward where weights train and once where only
+gradients flow through. Memory follows Korthikanti et al. 2022 for activations (34 bytes x
 width per token and layer at 16-bit with a fused attention; a checkpointed layer keeps only its input), and
 mixed-precision AdamW for the rest (fp32 weights, fp32 gradients, two fp32 moments).
 """
@@ -97,7 +98,8 @@ class ModelCosts:
                        images * 4 * vision.layers * vision.width * vision.positions**2),
             "projector": (images * 2 * projector.matmul_weights * projector.positions, 0.0),
             "language_model": (2 * (tokens * (decoder.matmul_weights - decoder.head_weights)
-                                    + labelled * decoder.head_weights), tokens * 4 * decoder.layers * decoder.width * sequence),
+                                    + labelled * decoder.head_weights),
+                               tokens * 4 * decoder.layers * decoder.width * sequence),
         }
 
     def training_flops(self, tokens: int, images: int, sequences: int, checkpointing: bool = False,

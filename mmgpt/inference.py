@@ -113,10 +113,11 @@ class MMGPT:
         `max_new_tokens`: system messages and the newest user message always stay; before them the oldest go
         first, a user message together with the replies that follow it, so no turn and no image is cut in half.
         Each message is tokenised once and fitting counts; no image is loaded. `ContextTooLongError` says why
-        even the shortest form does not fit. A `Prompt` passes through unchanged."""
-        if isinstance(messages, Prompt):
-            return messages
+        even the shortest form does not fit. A `Prompt` passes through, checked to leave room for `max_new_tokens`."""
         limit = self.context_length - max_new_tokens
+        if isinstance(messages, Prompt):
+            self._check_fits(len(messages.ids), len(messages.images), limit, max_new_tokens)
+            return messages
         if document:
             if not isinstance(messages, list) or not messages:
                 raise ValueError("a document must be a non-empty list of {'type': 'text'|'image', ...} items")
@@ -134,12 +135,11 @@ class MMGPT:
         first = sum(role == "system" for role, _, _ in encoded)  # the first message that may be dropped
         length = sum(len(ids) for _, ids, _ in encoded) + 1  # + <|assistant|>
         kept = first
-        while length > limit and fit:
-            later_users = [i for i in range(kept + 1, len(encoded)) if encoded[i][0] == "user"]
-            if not later_users:
+        for start in (i for i, (role, _, _) in enumerate(encoded) if role == "user" and i > first):
+            if length <= limit or not fit:
                 break
-            length -= sum(len(ids) for _, ids, _ in encoded[kept : later_users[0]])
-            kept = later_users[0]
+            length -= sum(len(ids) for _, ids, _ in encoded[kept:start])  # one more exchange goes
+            kept = start
         encoded = encoded[:first] + encoded[kept:]
         ids = [token for _, turn_ids, _ in encoded for token in turn_ids] + [self.processor.special.assistant]
         images = [image for _, _, turn_images in encoded for image in turn_images]

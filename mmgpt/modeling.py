@@ -219,10 +219,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labelled = targets != IGNORE_INDEX
         logits = self.language_model.get_output_embeddings()(hidden[:, :-1][labelled])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="sum")
-        if num_items_in_batch is None:
-            loss = loss / labelled.sum().clamp(min=1)
-        else:
-            loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+        loss = loss / (labelled.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     @property

@@ -361,7 +361,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             micro_batches = [to_device(next(batches)) for _ in range(accum)]
             # The loss is a sum over the supervised tokens of the whole global batch divided by their count, so a
             # step's gradient is the same on 1 process or N, in one batch or in accumulated micro-batches.
-            global_tokens, tokens, images = accelerator.reduce(_counts(micro_batches, accelerator.device, processor.special.pad), "sum")
+            counts = _counts(micro_batches, accelerator.device, processor.special.pad)
+            global_tokens, tokens, images = accelerator.reduce(counts, "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
             for batch in micro_batches:
                 with accelerator.accumulate(model):

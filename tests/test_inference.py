@@ -53,6 +53,8 @@ def test_long_history_drops_whole_oldest_exchanges(api):
     kept = messages[:1] + messages[1 + prompt.dropped :]  # the system message stays, the oldest exchanges go
     assert prompt.ids == api.prompt(kept, 16, fit=False).ids
     assert len(prompt.ids) <= api.context_length - 16
+    with pytest.raises(ContextTooLongError):  # a prepared prompt is checked again against the new answer's room
+        api.chat(prompt, max_new_tokens=api.context_length - len(prompt.ids) + 1)
     with pytest.raises(ContextTooLongError):  # the fewest dropped: one exchange more does not fit
         api.prompt(messages[:1] + messages[1 + prompt.dropped - 2 :], 16, fit=False)
     assert isinstance(api.chat(messages, max_new_tokens=4), str)
