@@ -9,12 +9,15 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmgpt.data.episodes import WORD_FORMS
+
 
 def _data_shapes(args: argparse.Namespace) -> int:
     from mmgpt.data.shapes import write_shapes
 
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
-                         eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way)
+                         eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
+                         episode_words=args.episode_words)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -90,16 +93,21 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
-        results = [evaluate(model, args.data, batch_size=args.batch_size, out=out, shots=shots, support=args.support,
-                            seed=args.seed) for shots in args.shots]
+        results = [evaluate(model, data, batch_size=args.batch_size, out=out, shots=shots, support=args.support,
+                            seed=args.seed) for data in args.data for shots in args.shots]
     if len(results) == 1:
         print(json.dumps(results[0]))
         return 0
-    print(f"{'shots':>5}  {'accuracy':>8}  {'blind':>6}  {'n':>5}")
+    width = max(len(kind) for result in results for kind in result["by_kind"])
+    print(f"{'kind':<{width}}  {'shots':>5}  {'accuracy':>8}  {'blind':>6}  {'n':>5}")
     for result in results:
-        print(f"{result['shots']:>5}  {result['accuracy']:>8.3f}  {result['blind_accuracy']:>6.3f}  {result['n']:>5}")
-    plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).resolve().parent / f"few-shot-{Path(args.data).stem}.png"
-    plot_few_shot(results, plot_path, title=f"{Path(args.checkpoint).resolve().parent.name} on {Path(args.data).name}")
+        for kind, scores in result["by_kind"].items():
+            print(f"{kind:<{width}}  {result['shots']:>5}  {scores['accuracy']:>8.3f}  {scores['blind_accuracy']:>6.3f}"
+                  f"  {scores['n']:>5}")
+    run = Path(args.checkpoint).resolve().parent
+    name = Path(args.data[0]).stem if len(args.data) == 1 else "several"
+    plot_path = Path(args.plot) if args.plot else run / f"few-shot-{name}.png"
+    plot_few_shot(results, plot_path, title=f"{run.name} on {', '.join(Path(data).name for data in args.data)}")
     print(f"plot: {plot_path}")
     print(json.dumps(results))
     return 0
@@ -184,8 +192,12 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--episodes", type=int, default=0,
                         help="fast-binding episodes (made-up words bound in context) added to train.jsonl")
     shapes.add_argument("--eval-episodes", type=int, default=0,
-                        help="held-out-word episodes written to episodes-eval.jsonl, for `mmgpt eval --shots`")
+                        help="episodes of each held-out set (episodes-eval*.jsonl: new pairings, unseen letters, other "
+                             "lengths, 3- to 5-way), for `mmgpt eval --shots`")
     shapes.add_argument("--ways", type=int, default=2, help="categories per episode, training and held-out")
+    shapes.add_argument("--episode-words", choices=WORD_FORMS, default="syllables",
+                        help="training episodes' words: two known syllables, or random strings of 1-8 letters "
+                             "(naming those takes copying)")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
@@ -223,7 +235,9 @@ def parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="accuracy on held-out chats, zero- or few-shot, with a blind (blank "
                                                "image) baseline")
     evaluate.add_argument("checkpoint", help="a saved model folder, e.g. runs/tiny-shapes/final")
-    evaluate.add_argument("--data", required=True, help="JSONL of chats ending with the reference answer")
+    evaluate.add_argument("--data", required=True, nargs="+",
+                          help="JSONL of chats ending with the reference answer, or of document records with an "
+                               "answer; several files: one table and one plot")
     evaluate.add_argument("--out", help="write per-sample predictions (JSONL) here")
     evaluate.add_argument("--shots", type=_shot_counts, default=[0], metavar="K[,K...]",
                           help="solved examples before each query, e.g. 0,1,2,4 (several: a table and a plot); with "

@@ -67,7 +67,8 @@ def evaluate(
     support: str | Path | None = None,
     seed: int = 0,
 ) -> dict:
-    """{"shots", "n", "accuracy", "blind_accuracy", "by_kind"}; `out` gets one JSON line per sample.
+    """{"data", "shots", "n", "accuracy", "blind_accuracy", "by_kind": {kind: {"n", "accuracy", "blind_accuracy"}}};
+    `out` gets one JSON line per sample.
 
     With `shots` > 0 each query is preceded by that many solved examples (see `mmgpt.fewshot`) drawn from `support`,
     or from `path` itself. The blind score blanks every image, the examples' included.
@@ -86,17 +87,20 @@ def evaluate(
                     batch_size, max_new_tokens, f"eval blind, {shots} shots")
     correct = [normalise(p) == normalise(i.answer) for p, i in zip(seen, items)]
     blind_correct = [normalise(p) == normalise(i.answer) for p, i in zip(blind, items)]
-    by_kind: dict[str, list[bool]] = {}
-    for item, ok in zip(items, correct):
-        by_kind.setdefault(item.kind, []).append(ok)
+    by_kind: dict[str, list[tuple[bool, bool]]] = {}
+    for item, ok, blind_ok in zip(items, correct, blind_correct):
+        by_kind.setdefault(item.kind, []).append((ok, blind_ok))
     if out is not None:
         for item, prediction, blind_prediction, ok in zip(items, seen, blind, correct):
             out.write(json.dumps({"where": item.where, "shots": shots, "kind": item.kind, "answer": item.answer,
                                   "prediction": prediction, "blind_prediction": blind_prediction, "correct": ok}) + "\n")
     return {
+        "data": str(path),
         "shots": shots,
         "n": len(items),
         "accuracy": sum(correct) / len(items),
         "blind_accuracy": sum(blind_correct) / len(items),
-        "by_kind": {kind: round(sum(oks) / len(oks), 4) for kind, oks in sorted(by_kind.items())},
+        "by_kind": {kind: {"n": len(pairs), "accuracy": round(sum(ok for ok, _ in pairs) / len(pairs), 4),
+                           "blind_accuracy": round(sum(blind for _, blind in pairs) / len(pairs), 4)}
+                    for kind, pairs in sorted(by_kind.items())},
     }

@@ -36,23 +36,31 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
 
 
 def plot_few_shot(results: list[dict], out_path: Path, title: str) -> None:
-    """Accuracy (with the images, and blind) against the number of solved examples in the context."""
+    """Accuracy (with the images, solid, and blind, dashed, in the same colour) against the number of solved
+    examples in the context, one line pair per kind of query."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shots = [result["shots"] for result in results]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.plot(shots, [result["accuracy"] for result in results], "o-", label="with images")
-    axis.plot(shots, [result["blind_accuracy"] for result in results], "s--", label="blind (blank images)")
-    axis.set_xticks(shots)
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for result in results:
+        for kind, scores in result["by_kind"].items():
+            curves.setdefault(kind, []).append((result["shots"], scores["accuracy"], scores["blind_accuracy"]))
+    figure, axis = plt.subplots(figsize=(6, 4) if len(curves) > 1 else (5, 3.5))
+    for index, (kind, points) in enumerate(curves.items()):
+        shots, accuracy, blind = zip(*sorted(points))
+        colour = f"C{index % 10}"
+        axis.plot(shots, accuracy, "o-", color=colour, label=kind if len(curves) > 1 else "with images")
+        axis.plot(shots, blind, "s--", color=colour, alpha=0.5,
+                  label="blind (blank images), dashed" if index == 0 else None)
+    axis.set_xticks(sorted({result["shots"] for result in results}))
     axis.set_xlabel("shots (solved examples in context)")
     axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
+    axis.set_ylim(0, 1.02)
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_path, dpi=100)

@@ -72,21 +72,25 @@ def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
     made = mmgpt("data", "shapes", "--out", "icl", "--train", "20", "--eval", "7", "--episodes", "20",
                  "--eval-episodes", "2", "--per-way", "3", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    assert "episodes-eval.jsonl (12 records)" in made.stdout
+    assert "episodes-eval.jsonl (12 records)" in made.stdout and "episodes-eval-5way.jsonl (30 records)" in made.stdout
     trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, TINY_LFM2, "--set",
                     "output_dir=run", "data.train=icl/train.jsonl", "data.eval=", "train.max_steps=3", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
 
-    evaluated = mmgpt("eval", "run/final", "--data", "icl/episodes-eval.jsonl", "--shots", "0,1,2",
-                      "--out", "preds.jsonl", "--plot", "few-shot.png", cwd=tmp_path)
+    evaluated = mmgpt("eval", "run/final", "--data", "icl/episodes-eval.jsonl", "icl/episodes-eval-lengths.jsonl",
+                      "--shots", "0,1,2", "--out", "preds.jsonl", "--plot", "few-shot.png", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     lines = evaluated.stdout.strip().splitlines()
-    assert lines[0].split() == ["shots", "accuracy", "blind", "n"]
+    assert lines[0].split() == ["kind", "shots", "accuracy", "blind", "n"]
     results = json.loads(lines[-1])
-    assert [r["shots"] for r in results] == [0, 1, 2] and all(r["n"] == 12 for r in results)
-    assert [line.split()[0] for line in lines[1:4]] == ["0", "1", "2"]
+    assert [(Path(r["data"]).name, r["shots"]) for r in results] == [
+        (name, shots) for name in ("episodes-eval.jsonl", "episodes-eval-lengths.jsonl") for shots in (0, 1, 2)]
+    assert all(r["n"] == 12 for r in results)
+    rows = [tuple(line.rsplit(None, 4)[i] for i in (0, 1, 4)) for line in lines[1:-2]]
+    assert rows == [("2-way, new pairings", str(shots), "12") for shots in (0, 1, 2)] + [
+        (kind, str(shots), "6") for shots in (0, 1, 2) for kind in ("2-way, 1 syllable", "2-way, 3 syllables")]
     predictions = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
-    assert sorted(p["shots"] for p in predictions) == [0] * 12 + [1] * 12 + [2] * 12
+    assert sorted(p["shots"] for p in predictions) == ([0] * 12 + [1] * 12 + [2] * 12) * 2 and len(predictions) == 72
     assert (tmp_path / "few-shot.png").read_bytes()[:4] == b"\x89PNG"
 
     one = mmgpt("eval", "run/final", "--data", "icl/eval.jsonl", "--shots", "2", cwd=tmp_path)

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from mmgpt.data.collate import collate
-from mmgpt.data.episodes import made_up_words, pick_categories, pick_words
+from mmgpt.data.episodes import (
+    STRING_LENGTHS, SYLLABLES, TRAINING_LETTERS, UNSEEN_LETTERS, from_list, made_up_words, pick_categories, pick_words,
+    pieces,
+)
 from mmgpt.data.eval_records import read_eval_items
 from mmgpt.data.records import RecordError, parse_record
 from mmgpt.data.scenes import COLOURS
@@ -22,6 +25,13 @@ from mmgpt.images import load_image
 def icl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("icl")
     write_shapes(folder, seed=3, train=30, eval=14, episodes=30, eval_episodes=4, ways=2, per_way=5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def strings_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("icl-strings")
+    write_shapes(folder, seed=4, train=10, eval=7, episodes=300, eval_episodes=6, per_way=2, episode_words="strings")
     return folder
 
 
@@ -135,8 +145,52 @@ def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
         categories = pick_categories(rng, ways)
         assert len({colour for colour, _ in categories}) == ways
         assert len({shape for _, shape in categories}) == min(ways, 3)
-        syllables = [word[i : i + 2] for word in pick_words(rng, training_words, ways) for i in (0, 2)]
-        assert len(set(syllables)) == 2 * ways
+        words = pick_words(rng, from_list(training_words), ways)
+        syllables = [word[i : i + 2] for word in words for i in (0, 2)]
+        assert len(set(syllables)) == 2 * ways and len({word[0] for word in words}) == ways
+
+
+def test_string_episodes_draw_fresh_words_of_training_letters_only(strings_dir):
+    """Words of one to eight training letters, new in every episode, never a held-out word: naming them takes
+    copying. No training word has an unseen letter."""
+    episodes = training_episodes(strings_dir)
+    assert len(episodes) == 300
+    words_of = [{word for _, word in pictures_and_words(episode["content"])} for episode in episodes]
+    words = set().union(*words_of)
+    assert all(len(episode_words) == 2 for episode_words in words_of)
+    assert {len(word) for word in words} == set(STRING_LENGTHS)
+    assert set("".join(words)) <= set(TRAINING_LETTERS) and not set("".join(words)) & set(UNSEEN_LETTERS)
+    long_words = [word for episode_words in words_of for word in episode_words if len(word) >= 4]
+    assert len(set(long_words)) > 0.95 * len(long_words)  # re-drawn every episode (short ones repeat by chance)
+    assert not words & set(made_up_words()[1])
+
+
+def test_held_out_sets_are_what_no_lookup_of_training_pieces_can_pass(strings_dir):
+    """Unseen letters: no letter of theirs is in any training word of either form; other lengths: 1, 3 and 4
+    syllables; N-way: N words an episode, each told apart by its first letter."""
+    def episodes_of(name):
+        by_episode = {}
+        for item in read_eval_items(strings_dir / name):
+            by_episode.setdefault(item.episode, []).append(item)
+        return list(by_episode.values())
+
+    training_syllable_words = made_up_words()[0]
+    for name, ways in [("episodes-eval-letters.jsonl", 2), ("episodes-eval-3way.jsonl", 3),
+                       ("episodes-eval-4way.jsonl", 4), ("episodes-eval-5way.jsonl", 5)]:
+        episodes = episodes_of(name)
+        assert len(episodes) == 6
+        for items in episodes:
+            words = {item.answer for item in items}
+            assert len(items) == 2 * ways and len(words) == ways and len({word[0] for word in words}) == ways
+            assert all(set(word) <= set(UNSEEN_LETTERS) and len(word) == 4 for word in words)
+            assert {item.kind for item in items} == {f"{ways}-way, unseen letters"}
+    assert not set(UNSEEN_LETTERS) & set("".join(training_syllable_words + SYLLABLES))
+    lengths = {}
+    for items in episodes_of("episodes-eval-lengths.jsonl"):
+        for item in items:
+            assert all(piece in SYLLABLES for piece in pieces(item.answer))
+            lengths.setdefault(item.kind, set()).add(len(item.answer) // 2)
+    assert lengths == {"2-way, 1 syllable": {1}, "2-way, 3 syllables": {3}, "2-way, 4 syllables": {4}}
 
 
 def test_two_image_questions_have_the_right_answers():
@@ -180,7 +234,7 @@ def test_each_image_of_a_few_shot_context_fills_its_own_slot(tiny, icl_dir):
 
 def test_a_document_eval_record_without_an_answer_is_an_error_naming_its_line(icl_dir):
     bad = icl_dir / "no-answer.jsonl"
-    bad.write_text(json.dumps({"content": [{"type": "image", "image": "images/episode000000.png"}]}) + "\n")
+    bad.write_text(json.dumps({"content": [{"type": "image", "image": "images/episodes-eval000000.png"}]}) + "\n")
     with pytest.raises(RecordError, match="no-answer.jsonl line 1: a document eval record needs an 'answer'"):
         read_eval_items(bad)
 

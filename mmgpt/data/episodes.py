@@ -1,28 +1,40 @@
 """Fast-binding episodes, after Frozen (Tsimpoukelli et al. 2021): made-up words bound to visual categories inside
 one context only.
 
-An episode picks N categories (a colour and a shape; no two share a colour) and N made-up words that share no
-syllable, and is one interleaved document: pictures of the categories (varied in size and place), each followed
-by its word and nothing else ("[picture]dako[picture]zupi[picture]dako..."). A category's first word can only be
-guessed; every later one can be named by looking back for the earlier picture like it. Words change from episode to
-episode, and held-out episodes use only words that no training episode uses, so a model can name them only by
-binding in context. The word follows its picture at once and the next picture follows the word: every token more
-in a turn (a line break after the word, a chat's role markers) put binding off by hundreds to thousands of steps in
-a small decoder trained from scratch (`benchmarks/binding_steps.py`, README "Few-shot").
+An episode picks N categories (a colour and a shape; no two share a colour) and N made-up words, and is one
+interleaved document: pictures of the categories (varied in size and place), each followed by its word and nothing
+else ("[picture]dako[picture]zupi[picture]dako..."). A category's first word can only be guessed; every later one
+can be named by looking back for the earlier picture like it and copying the word that followed it. The word
+follows its picture at once and the next picture follows the word: every token more in a turn (a line break after
+the word, a chat's role markers) put binding off by hundreds to thousands of steps in a small decoder trained from
+scratch (`benchmarks/binding_steps.py`, README "Few-shot").
+
+Training words are drawn afresh for every episode, either as two consonant-vowel syllables (`syllables`) or as
+random letter strings of one to eight letters (`strings`). A model trained on syllable words can pass a test of
+new pairings of known syllables by looking pieces up; the held-out sets (`HELD_OUT_SETS`) add what a lookup cannot
+pass: words of letters that no training word has, words of other lengths, and 3- to 5-way episodes.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
+from typing import Callable
 
 from mmgpt.data.scenes import COLOURS, SHAPES, ImageWriter, draw_object
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 SYLLABLES = ["".join(pair) for pair in itertools.product(CONSONANTS, VOWELS)]
-WORLD_WORDS = {"zero"}  # the one word of the shapes world with this form
+TRAINING_LETTERS = CONSONANTS + VOWELS
+UNSEEN_LETTERS = "chjqwy"  # in no training word; each is in the shapes world's text, so the decoder knows its tokens
+STRING_LENGTHS = range(1, 9)
+WORLD_WORDS = {"zero"}  # the one word of the shapes world with the syllable form
 HELD_OUT_SHARE = 0.2
+WORD_FORMS = ("syllables", "strings")
+
+Draw = Callable[[random.Random], str]
 
 
 def made_up_words() -> tuple[list[str], list[str]]:
@@ -35,14 +47,73 @@ def made_up_words() -> tuple[list[str], list[str]]:
     return sorted(words[held_out:]), sorted(words[:held_out])
 
 
-def pick_words(rng: random.Random, vocabulary: list[str], ways: int) -> list[str]:
-    """`ways` words that share no syllable, so each syllable of an answer has one continuation in the context and a
-    word cannot be spliced from two ("muku", "gege": "muge")."""
+def pieces(word: str) -> list[str]:
+    """The word's two-letter pieces at even offsets: its syllables, for syllable words."""
+    return [word[i : i + 2] for i in range(0, len(word), 2)]
+
+
+def pick_words(rng: random.Random, draw: Draw, ways: int) -> list[str]:
+    """`ways` words from `draw` that differ in their first letter and share no piece, so the first token of an
+    answer tells the words apart and no word can be spliced from two ("muku", "gege": "muge")."""
     while True:
-        words = rng.sample(vocabulary, ways)
-        syllables = [word[i : i + 2] for word in words for i in (0, 2)]
-        if len(set(syllables)) == len(syllables):
+        words = [draw(rng) for _ in range(ways)]
+        parts = [part for word in words for part in pieces(word)]
+        if len({word[0] for word in words}) == ways and len(set(parts)) == len(parts):
             return words
+
+
+def from_list(words: list[str]) -> Draw:
+    return lambda rng: rng.choice(words)
+
+
+def syllable_words(count: int) -> Draw:
+    """Words of `count` consonant-vowel syllables."""
+    return lambda rng: "".join(rng.choice(SYLLABLES) for _ in range(count))
+
+
+def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozenset[str] = frozenset()) -> Draw:
+    """Random strings over `letters`, of a length drawn from `lengths`, never one of `avoid`."""
+    def draw(rng: random.Random) -> str:
+        while True:
+            word = "".join(rng.choice(letters) for _ in range(rng.choice(lengths)))
+            if word not in avoid:
+                return word
+    return draw
+
+
+def training_words(form: str) -> Draw:
+    """How training episodes draw their words: `syllables` (two syllables, the training share of `made_up_words`)
+    or `strings` (one to eight of the training letters, never a held-out two-syllable word), so that copying is the
+    only way to name them."""
+    training, held_out = made_up_words()
+    if form == "syllables":
+        return from_list(training)
+    if form == "strings":
+        return letter_strings(TRAINING_LETTERS, STRING_LENGTHS, frozenset(held_out))
+    raise ValueError(f"episode word form must be one of {', '.join(WORD_FORMS)}, got {form!r}")
+
+
+@dataclass(frozen=True)
+class HeldOutKind:
+    """One kind of held-out episode: its name in `mmgpt eval`'s table, its ways, and how its words are drawn."""
+
+    name: str
+    ways: int
+    draw: Draw
+
+
+def held_out_sets(ways: int) -> dict[str, list[HeldOutKind]]:
+    """File name -> the kinds of episode it holds (episodes cycle over the kinds). `episodes-eval.jsonl` is new
+    pairings of known syllables (`ways`-way); the others cannot be passed by a lookup of known pieces."""
+    held_out = made_up_words()[1]
+    unseen = letter_strings(UNSEEN_LETTERS, (4,))
+    return {
+        "episodes-eval.jsonl": [HeldOutKind(f"{ways}-way, new pairings", ways, from_list(held_out))],
+        "episodes-eval-letters.jsonl": [HeldOutKind("2-way, unseen letters", 2, unseen)],
+        "episodes-eval-lengths.jsonl": [HeldOutKind(f"2-way, {count} syllable{'s' * (count > 1)}", 2,
+                                                    syllable_words(count)) for count in (1, 3, 4)],
+        **{f"episodes-eval-{n}way.jsonl": [HeldOutKind(f"{n}-way, unseen letters", n, unseen)] for n in (3, 4, 5)},
+    }
 
 
 def pick_categories(rng: random.Random, ways: int) -> list[tuple[str, str]]:
@@ -55,13 +126,12 @@ def _shown(writer: ImageWriter, rng: random.Random, category: tuple[str, str]) -
     return {"type": "image", "image": writer.save(draw_object(*category, rng))}
 
 
-def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[str], ways: int = 2,
-                     turns: int = 9) -> dict:
+def training_episode(writer: ImageWriter, rng: random.Random, draw: Draw, ways: int = 2, turns: int = 9) -> dict:
     """One interleaved document of `turns` pictures over `ways` categories in random order, every one shown at
     least once, each picture followed by its word. Every picture after a category's first is itself a few-shot
     query, so one document teaches all the context lengths that eval asks (9 pictures: a 2-way 4-shot query) with
     the most answerable words per token and no padding."""
-    categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
+    categories, words = pick_categories(rng, ways), pick_words(rng, draw, ways)
     order = list(range(ways)) + [rng.randrange(ways) for _ in range(turns - ways)]
     rng.shuffle(order)
     content = []
@@ -70,16 +140,17 @@ def training_episode(writer: ImageWriter, rng: random.Random, vocabulary: list[s
     return {"content": content}
 
 
-def held_out_episodes(writer: ImageWriter, rng: random.Random, vocabulary: list[str], episodes: int, ways: int,
+def held_out_episodes(writer: ImageWriter, rng: random.Random, kinds: list[HeldOutKind], episodes: int,
                       per_way: int) -> list[dict]:
-    """`per_way` one-picture queries per category and episode, tagged with their episode: the few-shot evaluation
-    draws each query's solved examples from the other records of its episode and writes them before it, each
-    picture followed by its word, as in training."""
+    """`per_way` one-picture queries per category and episode, tagged with their episode and kind (episodes cycle
+    over `kinds`): the few-shot evaluation draws each query's solved examples from the other records of its
+    episode and writes them before it, each picture followed by its word, as in training."""
     records = []
     for episode in range(episodes):
-        categories, words = pick_categories(rng, ways), pick_words(rng, vocabulary, ways)
+        kind = kinds[episode % len(kinds)]
+        categories, words = pick_categories(rng, kind.ways), pick_words(rng, kind.draw, kind.ways)
         for category, word in zip(categories, words):
             for _ in range(per_way):
-                records.append({"content": [_shown(writer, rng, category)], "answer": word,
-                                "kind": f"{ways}-way binding", "episode": f"episode-{episode:04d}"})
+                records.append({"content": [_shown(writer, rng, category)], "answer": word, "kind": kind.name,
+                                "episode": f"episode-{episode:04d}"})
     return records

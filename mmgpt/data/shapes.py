@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from mmgpt.data.episodes import held_out_episodes, made_up_words, training_episode
+from mmgpt.data.episodes import held_out_episodes, held_out_sets, training_episode, training_words
 from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -115,12 +115,12 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 
 
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
-                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5) -> list[Path]:
+                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables") -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
-    with training words) and
-    `out/eval.jsonl` (one question each, balanced over the question kinds, two-image questions included); with
-    `eval_episodes`, also `out/episodes-eval.jsonl`: `ways`-way episodes of held-out words, `per_way` records per
-    category, for few-shot evaluation."""
+    whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
+    question kinds, two-image questions included); with `eval_episodes`, also the held-out episode sets
+    (`mmgpt.data.episodes.held_out_sets`: `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way`
+    records per category, for few-shot evaluation."""
     if not 2 <= ways <= len(COLOURS):
         raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {ways}")
     out = Path(out)
@@ -162,14 +162,15 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
                 "kind": wanted,
             }
         )
-    training_words, held_out_words = made_up_words()
-    train_records += [training_episode(writer, rng, training_words, ways) for _ in range(episodes)]
+    draw = training_words(episode_words)
+    train_records += [training_episode(writer, rng, draw, ways) for _ in range(episodes)]
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
     if eval_episodes:
-        episode_writer = ImageWriter(out, "episode", random.Random(f"episodes-{seed}"))
-        written["episodes-eval.jsonl"] = held_out_episodes(
-            episode_writer, episode_writer.rng, held_out_words, eval_episodes, ways, per_way)
+        for name, kinds in held_out_sets(ways).items():
+            stem = name.removesuffix(".jsonl")
+            episode_writer = ImageWriter(out, stem, random.Random(f"{stem}-{seed}"))
+            written[name] = held_out_episodes(episode_writer, episode_writer.rng, kinds, eval_episodes, per_way)
     for name, records in written.items():
         (out / name).write_text("".join(json.dumps(record) + "\n" for record in records))
     return [out / name for name in written]
