@@ -10,7 +10,7 @@ import torch
 
 from mmgpt.data.collate import collate
 from mmgpt.data.episodes import (
-    STRING_LENGTHS, SYLLABLES, TRAINING_LETTERS, UNSEEN_LETTERS, from_list, made_up_words, pick_categories, pick_words,
+    STRING_ALPHABET, STRING_LENGTHS, SYLLABLES, UNSEEN_LETTERS, from_list, made_up_words, pick_categories, pick_words,
     pieces,
 )
 from mmgpt.data.eval_records import read_eval_items
@@ -151,15 +151,17 @@ def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
 
 
 def test_string_episodes_draw_fresh_words_of_training_letters_only(strings_dir):
-    """Words of one to eight training letters, new in every episode, never a held-out word: naming them takes
-    copying. No training word has an unseen letter."""
+    """Words of one to eight characters of every kind, new in every episode, never a held-out word: naming them
+    takes copying. No training word has an unseen letter, in either case."""
     episodes = training_episodes(strings_dir)
     assert len(episodes) == 300
     words_of = [{word for _, word in pictures_and_words(episode["content"])} for episode in episodes]
     words = set().union(*words_of)
     assert all(len(episode_words) == 2 for episode_words in words_of)
     assert {len(word) for word in words} == set(STRING_LENGTHS)
-    assert set("".join(words)) <= set(TRAINING_LETTERS) and not set("".join(words)) & set(UNSEEN_LETTERS)
+    characters = set("".join(words))
+    assert characters <= set(STRING_ALPHABET) and not characters & set(UNSEEN_LETTERS + UNSEEN_LETTERS.upper())
+    assert {"a", "Z", "7", "%"} <= characters
     long_words = [word for episode_words in words_of for word in episode_words if len(word) >= 4]
     assert len(set(long_words)) > 0.95 * len(long_words)  # re-drawn every episode (short ones repeat by chance)
     assert not words & set(made_up_words()[1])

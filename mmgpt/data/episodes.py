@@ -10,7 +10,8 @@ the word, a chat's role markers) put binding off by hundreds to thousands of ste
 scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 
 Training words are drawn afresh for every episode, either as two consonant-vowel syllables (`syllables`) or as
-random letter strings of one to eight letters (`strings`). A model trained on syllable words can pass a test of
+random strings of one to eight printable characters (`strings`: letters of
+both cases, digits and punctuation, none of the unseen letters). A model trained on syllable words can pass a test of
 new pairings of known syllables by looking pieces up; the held-out sets (`HELD_OUT_SETS`) add what a lookup cannot
 pass: words of letters that no training word has, words of other lengths, and 3- to 5-way episodes.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import string
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,8 +29,9 @@ from mmgpt.data.scenes import COLOURS, SHAPES, ImageWriter, draw_object
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 SYLLABLES = ["".join(pair) for pair in itertools.product(CONSONANTS, VOWELS)]
-TRAINING_LETTERS = CONSONANTS + VOWELS
 UNSEEN_LETTERS = "chjqwy"  # in no training word; each is in the shapes world's text, so the decoder knows its tokens
+STRING_ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + string.punctuation)
+                                 - set(UNSEEN_LETTERS + UNSEEN_LETTERS.upper())))
 STRING_LENGTHS = range(1, 9)
 WORLD_WORDS = {"zero"}  # the one word of the shapes world with the syllable form
 HELD_OUT_SHARE = 0.2
@@ -83,13 +86,14 @@ def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozen
 
 def training_words(form: str) -> Draw:
     """How training episodes draw their words: `syllables` (two syllables, the training share of `made_up_words`)
-    or `strings` (one to eight of the training letters, never a held-out two-syllable word), so that copying is the
-    only way to name them."""
+    or `strings` (one to eight characters of `STRING_ALPHABET`, never a held-out two-syllable word), so that
+    copying is the only way to name them: no piece recurs often enough to be learnt, and words of every kind of
+    character keep the model from telling episode words from other text by their letters."""
     training, held_out = made_up_words()
     if form == "syllables":
         return from_list(training)
     if form == "strings":
-        return letter_strings(TRAINING_LETTERS, STRING_LENGTHS, frozenset(held_out))
+        return letter_strings(STRING_ALPHABET, STRING_LENGTHS, frozenset(held_out))
     raise ValueError(f"episode word form must be one of {', '.join(WORD_FORMS)}, got {form!r}")
 
 
