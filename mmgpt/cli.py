@@ -17,7 +17,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
-                         episode_words=args.episode_words)
+                         episode_words=args.episode_words, copy_drills=args.copy_drills)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -198,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--episode-words", choices=WORD_FORMS, default="syllables",
                         help="training episodes' words: two known syllables, or random strings of 1-8 letters "
                              "(naming those takes copying)")
+    shapes.add_argument("--copy-drills", type=int, default=0,
+                        help="plain-text drills (a list of random words, then the same list again) added to "
+                             "train.jsonl: copying practice over every letter, none bound to a picture")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)

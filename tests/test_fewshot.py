@@ -4,6 +4,7 @@ import dataclasses
 import json
 import random
 import re
+import string
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def icl_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def strings_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("icl-strings")
-    write_shapes(folder, seed=4, train=10, eval=7, episodes=300, eval_episodes=6, per_way=2, episode_words="strings")
+    write_shapes(folder, seed=4, train=10, eval=7, episodes=300, eval_episodes=6, per_way=2, episode_words="strings",
+                 copy_drills=200)
     return folder
 
 
@@ -151,8 +153,8 @@ def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
 
 
 def test_string_episodes_draw_fresh_words_of_training_letters_only(strings_dir):
-    """Words of one to eight characters of every kind, new in every episode, never a held-out word: naming them
-    takes copying. No training word has an unseen letter, in either case."""
+    """Words of one to eight letters, new in every episode, never a held-out word: naming them takes copying. No
+    training word has an unseen letter."""
     episodes = training_episodes(strings_dir)
     assert len(episodes) == 300
     words_of = [{word for _, word in pictures_and_words(episode["content"])} for episode in episodes]
@@ -160,11 +162,27 @@ def test_string_episodes_draw_fresh_words_of_training_letters_only(strings_dir):
     assert all(len(episode_words) == 2 for episode_words in words_of)
     assert {len(word) for word in words} == set(STRING_LENGTHS)
     characters = set("".join(words))
-    assert characters <= set(STRING_ALPHABET) and not characters & set(UNSEEN_LETTERS + UNSEEN_LETTERS.upper())
-    assert {"a", "Z", "7", "%"} <= characters
+    assert characters == set(STRING_ALPHABET) and not characters & set(UNSEEN_LETTERS)
     long_words = [word for episode_words in words_of for word in episode_words if len(word) >= 4]
     assert len(set(long_words)) > 0.95 * len(long_words)  # re-drawn every episode (short ones repeat by chance)
     assert not words & set(made_up_words()[1])
+
+
+def test_copy_drills_repeat_a_list_of_words_of_every_letter_and_never_a_held_out_word(strings_dir):
+    records = map(json.loads, (strings_dir / "train.jsonl").read_text().splitlines())
+    drills = [r["content"][0]["text"] for r in records if "content" in r and len(r["content"]) == 1
+              and r["content"][0]["type"] == "text"]
+    assert len(drills) == 200
+    words = set()
+    for drill in drills:
+        lines = drill.split("\n")
+        assert len(lines) == 12 and lines[:6] == lines[6:] and all(line.isalpha() for line in lines)
+        words.update(lines)
+    assert set("".join(words)) == set(string.ascii_lowercase)
+    assert not {word for word in words if set(word) <= set(UNSEEN_LETTERS)}
+    held_out = {item.answer for name in ("letters", "3way", "4way", "5way")
+                for item in read_eval_items(strings_dir / f"episodes-eval-{name}.jsonl")}
+    assert held_out and not held_out & words
 
 
 def test_held_out_sets_are_what_no_lookup_of_training_pieces_can_pass(strings_dir):

@@ -10,8 +10,7 @@ the word, a chat's role markers) put binding off by hundreds to thousands of ste
 scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 
 Training words are drawn afresh for every episode, either as two consonant-vowel syllables (`syllables`) or as
-random strings of one to eight printable characters (`strings`: letters of
-both cases, digits and punctuation, none of the unseen letters). A model trained on syllable words can pass a test of
+random strings of one to eight letters (`strings`: any but the unseen letters). A model trained on syllable words can pass a test of
 new pairings of known syllables by looking pieces up; the held-out sets (`HELD_OUT_SETS`) add what a lookup cannot
 pass: words of letters that no training word has, words of other lengths, and 3- to 5-way episodes.
 """
@@ -30,8 +29,7 @@ CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 SYLLABLES = ["".join(pair) for pair in itertools.product(CONSONANTS, VOWELS)]
 UNSEEN_LETTERS = "chjqwy"  # in no training word; each is in the shapes world's text, so the decoder knows its tokens
-STRING_ALPHABET = "".join(sorted(set(string.ascii_letters + string.digits + string.punctuation)
-                                 - set(UNSEEN_LETTERS + UNSEEN_LETTERS.upper())))
+STRING_ALPHABET = "".join(sorted(set(string.ascii_lowercase) - set(UNSEEN_LETTERS)))
 STRING_LENGTHS = range(1, 9)
 WORLD_WORDS = {"zero"}  # the one word of the shapes world with the syllable form
 HELD_OUT_SHARE = 0.2
@@ -87,8 +85,7 @@ def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozen
 def training_words(form: str) -> Draw:
     """How training episodes draw their words: `syllables` (two syllables, the training share of `made_up_words`)
     or `strings` (one to eight characters of `STRING_ALPHABET`, never a held-out two-syllable word), so that
-    copying is the only way to name them: no piece recurs often enough to be learnt, and words of every kind of
-    character keep the model from telling episode words from other text by their letters."""
+    copying is the only way to name them: no piece recurs often enough to be learnt."""
     training, held_out = made_up_words()
     if form == "syllables":
         return from_list(training)
@@ -142,6 +139,21 @@ def training_episode(writer: ImageWriter, rng: random.Random, draw: Draw, ways: 
     for index in order:
         content += [_shown(writer, rng, categories[index]), {"type": "text", "text": words[index]}]
     return {"content": content}
+
+
+def copy_drill(rng: random.Random, words: int = 6) -> dict:
+    """Plain text, no picture: `words` random words of one to eight letters of the whole alphabet, one a line, then
+    the same list again. The second half can only be written by copying the first, so the decoder practises copying
+    every letter, the unseen ones included, as a language model does from the text it is trained on; the letters
+    stay out of every word bound to a picture, and no drill word is made of unseen letters alone (so no held-out
+    word is ever in training)."""
+    draw = letter_strings(string.ascii_lowercase, STRING_LENGTHS)
+    listed = []
+    while len(listed) < words:
+        word = draw(rng)
+        if not set(word) <= set(UNSEEN_LETTERS):
+            listed.append(word)
+    return {"content": [{"type": "text", "text": "\n".join(listed + listed)}]}
 
 
 def held_out_episodes(writer: ImageWriter, rng: random.Random, kinds: list[HeldOutKind], episodes: int,

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from mmgpt.data.episodes import held_out_episodes, held_out_sets, training_episode, training_words
+from mmgpt.data.episodes import copy_drill, held_out_episodes, held_out_sets, training_episode, training_words
 from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -115,10 +115,12 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 
 
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
-                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables") -> list[Path]:
+                 eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables",
+                 copy_drills: int = 0) -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
     whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
-    question kinds, two-image questions included); with `eval_episodes`, also the held-out episode sets
+    question kinds, two-image questions included), plus `copy_drills` plain-text copying drills
+    (`mmgpt.data.episodes.copy_drill`); with `eval_episodes`, also the held-out episode sets
     (`mmgpt.data.episodes.held_out_sets`: `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way`
     records per category, for few-shot evaluation."""
     if not 2 <= ways <= len(COLOURS):
@@ -164,6 +166,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
         )
     draw = training_words(episode_words)
     train_records += [training_episode(writer, rng, draw, ways) for _ in range(episodes)]
+    train_records += [copy_drill(rng) for _ in range(copy_drills)]
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
     if eval_episodes:
