@@ -10,9 +10,10 @@ the word, a chat's role markers) put binding off by hundreds to thousands of ste
 scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 
 Training words are drawn afresh for every episode, either as two consonant-vowel syllables (`syllables`) or as
-random strings of one to eight letters (`strings`: any but the unseen letters). A model trained on syllable words can pass a test of
-new pairings of known syllables by looking pieces up; the held-out sets (`HELD_OUT_SETS`) add what a lookup cannot
-pass: words of letters that no training word has, words of other lengths, and 3- to 5-way episodes.
+random strings of one to eight letters (`strings`: any but the unseen letters). A model trained on syllable words
+can pass a test of new pairings of known syllables by looking pieces up; the held-out sets (`held_out_sets`) add
+what a lookup cannot pass: words of letters that no training word has, words of other lengths, and 3- to 5-way
+episodes.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozen
 
 def training_words(form: str) -> Draw:
     """How training episodes draw their words: `syllables` (two syllables, the training share of `made_up_words`)
-    or `strings` (one to eight characters of `STRING_ALPHABET`, never a held-out two-syllable word), so that
+    or `strings` (one to eight letters of `STRING_ALPHABET`, never a held-out two-syllable word), so that
     copying is the only way to name them: no piece recurs often enough to be learnt."""
     training, held_out = made_up_words()
     if form == "syllables":
