@@ -1,9 +1,11 @@
 """Sample -> token ids, labels and pixel values. Labels are decided here and nowhere else.
 
 Layout (control tokens are ids, never parsed out of text):
-  document: text and images in order, then <|endoftext|>; loss on every text token and the end token.
+  document: text and images in order, then <|endoftext|>; loss on every text token, on each <|image_start|>
+            that follows text (where that text ends: how a model learns to stop a line, as OpenFlamingo's
+            <|endofchunk|>; `complete` stops there) and on the end token.
   chat:     per message <|role|> content <|end|>; loss on assistant content and its <|end|> only.
-  image:    <|image_start|> <|image|> x num_image_tokens <|image_end|>; never any loss.
+  image:    <|image_start|> <|image|> x num_image_tokens <|image_end|>; no loss on the image's own tokens.
 """
 
 from __future__ import annotations
@@ -54,14 +56,16 @@ class MMGPTProcessor:
     def image_slot(self) -> list[int]:
         return [self.special.image_start, *[self.special.image] * self.num_image_tokens, self.special.image_end]
 
-    def _encode_turn(self, turn: Turn, supervised: bool, images: list) -> tuple[list[int], list[int]]:
+    def _encode_turn(self, turn: Turn, supervised: bool, images: list,
+                     document: bool = False) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         for segment in turn.segments:
             if segment.is_image:
                 slot = self.image_slot()
+                ends_text = document and bool(ids) and ids[-1] != self.special.image_end
                 ids += slot
-                labels += [IGNORE_INDEX] * len(slot)
+                labels += [slot[0] if ends_text else IGNORE_INDEX] + [IGNORE_INDEX] * (len(slot) - 1)
                 images.append(segment.image)
             else:
                 text_ids = self.encode_text(segment.text)
@@ -87,7 +91,7 @@ class MMGPTProcessor:
         labels: list[int] = []
         images: list = []
         if not sample.is_chat:
-            turn_ids, turn_labels = self._encode_turn(sample.turns[0], True, images)
+            turn_ids, turn_labels = self._encode_turn(sample.turns[0], True, images, document=True)
             if add_generation_prompt:
                 return turn_ids, turn_labels, images
             return turn_ids + [self.special.eos], turn_labels + [self.special.eos], images

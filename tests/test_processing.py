@@ -38,16 +38,22 @@ def test_chat_labels_cover_assistant_text_and_end_only(tiny):
     assert encoded.pixel_values.shape == (1, 3, *processor.transform.size)
 
 
-def test_document_labels_cover_all_text_and_no_image_token(tiny):
+def test_document_labels_cover_all_text_and_where_it_ends_but_no_image_token(tiny):
+    """Every text token is labelled, and so is the <|image_start|> right after text (the model learns where a line
+    ends); an image first, or right after another image, and every token of the image itself are not."""
     processor, _ = tiny
     s = processor.special
-    sample = parse_record({"content": [{"type": "text", "text": "Look:"}, {"type": "image", "image": red()},
+    sample = parse_record({"content": [{"type": "image", "image": red()}, {"type": "text", "text": "Look:"},
+                                       {"type": "image", "image": red()}, {"type": "image", "image": red()},
                                        {"type": "text", "text": " a red square."}]})
     encoded = processor.encode(sample)
-    text_ids = processor.encode_text("Look:") + processor.encode_text(" a red square.") + [s.eos]
+    text_ids = processor.encode_text("Look:") + [s.image_start] + processor.encode_text(" a red square.") + [s.eos]
     assert [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX] == text_ids
-    image_positions = [i for i, t in enumerate(encoded.input_ids) if t in (s.image, s.image_start, s.image_end)]
-    assert len(image_positions) == processor.num_image_tokens + 2
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(encoded.input_ids, encoded.labels))
+    starts = [i for i, t in enumerate(encoded.input_ids) if t == s.image_start]
+    assert [encoded.labels[i] for i in starts] == [IGNORE_INDEX, s.image_start, IGNORE_INDEX]
+    image_positions = [i for i, t in enumerate(encoded.input_ids) if t in (s.image, s.image_end)]
+    assert len(image_positions) == 3 * (processor.num_image_tokens + 1)
     assert all(encoded.labels[i] == IGNORE_INDEX for i in image_positions)
 
 
