@@ -12,6 +12,7 @@ either, and each step here costs a fraction of a real one.
     python benchmarks/binding_steps.py --layout document --line-break      # a line break after each word
     python benchmarks/binding_steps.py --layout chat --decoder llama       # user: picture, assistant: word
     python benchmarks/binding_steps.py --layout chat --offer --decoder llama  # + the two words offered first
+    python benchmarks/binding_steps.py --words strings --stop                 # words of 1-4 random tokens, stopped
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def arguments() -> argparse.Namespace:
                         help="document: <picture> word <picture> ...; chat: <|user|> <picture> <|end|> <|assistant|> word <|end|>")
     parser.add_argument("--line-break", action="store_true", help="document layout: a line break after each word")
     parser.add_argument("--offer", action="store_true", help="name the episode's two words once, before the pictures")
+    parser.add_argument("--words", choices=("syllables", "strings"), default="syllables",
+                        help="syllables: two tokens of a fixed vocabulary; strings: 1-4 random tokens, fresh every time")
+    parser.add_argument("--stop", action="store_true",
+                        help="document layout: a loss on the <|image_start|> after each word (where the word ends)")
     parser.add_argument("--decoder", choices=("lfm2", "llama"), default="lfm2",
                         help="lfm2: short convolutions between attention layers; llama: attention layers only")
     parser.add_argument("--lfm2-layers", default="conv,full_attention",
@@ -53,7 +58,8 @@ def arguments() -> argparse.Namespace:
 
 
 class Episodes:
-    """2-way episodes: two categories of different colours and shapes, two two-syllable words sharing no syllable."""
+    """2-way episodes: two categories of different colours and shapes, two words (two syllables sharing none, or
+    strings of one to four tokens with different first tokens)."""
 
     def __init__(self, args: argparse.Namespace):
         self.rng = random.Random(args.seed)
@@ -62,8 +68,13 @@ class Episodes:
         random.Random("words").shuffle(words)
         self.held_out, self.training = words[:800], words[800:]
 
-    def _words(self, vocabulary: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _words(self, vocabulary: list[tuple[int, int]]) -> list[tuple[int, ...]]:
         while True:
+            if self.args.words == "strings":
+                words = [tuple(self.rng.randrange(SYLLABLES) for _ in range(self.rng.randint(1, 4))) for _ in range(2)]
+                if words[0][0] != words[1][0]:
+                    return words
+                continue
             words = self.rng.sample(vocabulary, 2)
             if not set(words[0]) & set(words[1]):
                 return words
@@ -83,8 +94,9 @@ class Episodes:
         chat = self.args.layout == "chat"
         for category in order:
             prompt = [USER, IMAGE_START, IMAGE, IMAGE_END, END, ASSISTANT] if chat else [IMAGE_START, IMAGE, IMAGE_END]
+            ends_word = self.args.stop and not chat and bool(seen)
             ids += prompt
-            labels += [-100] * len(prompt)
+            labels += [IMAGE_START if ends_word else -100] + [-100] * (len(prompt) - 1)
             picture = torch.zeros(PICTURE_WIDTH)
             picture[colours[category]] = picture[COLOURS + shapes[category]] = 1
             pictures.append((picture + 0.3 * torch.randn(PICTURE_WIDTH)) * self.args.picture_scale)
@@ -98,8 +110,8 @@ class Episodes:
         return ids, labels, torch.stack(pictures), answerable
 
     @staticmethod
-    def _tokens(word: tuple[int, int]) -> list[int]:
-        return [FIRST_SYLLABLE + word[0], FIRST_SYLLABLE + word[1]]
+    def _tokens(word: tuple[int, ...]) -> list[int]:
+        return [FIRST_SYLLABLE + piece for piece in word]
 
     def batch(self, vocabulary: list[tuple[int, int]], size: int, turns: int):
         episodes = [self.episode(vocabulary, turns) for _ in range(size)]

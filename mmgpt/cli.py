@@ -17,7 +17,8 @@ def _data_shapes(args: argparse.Namespace) -> int:
 
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
-                         episode_words=args.episode_words, copy_drills=args.copy_drills)
+                         episode_words=args.episode_words, copy_drills=args.copy_drills,
+                         episode_ways=args.episode_ways)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -82,6 +83,13 @@ def _shot_counts(text: str) -> list[int]:
     if any(count < 0 for count in counts) or len(set(counts)) != len(counts):
         raise argparse.ArgumentTypeError(f"--shots takes distinct numbers >= 0; got {text!r}")
     return counts
+
+
+def _way_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--episode-ways takes whole numbers separated by commas, e.g. 2,3,4; got {text!r}")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -195,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
                         help="episodes of each held-out set (episodes-eval*.jsonl: new pairings, unseen letters, other "
                              "lengths, 3- to 5-way), for `mmgpt eval --shots`")
     shapes.add_argument("--ways", type=int, default=2, help="categories per episode, training and held-out")
+    shapes.add_argument("--episode-ways", type=_way_counts, default=(),
+                        help="training episodes only: draw each one's categories from these counts, e.g. 2,3,4")
     shapes.add_argument("--episode-words", choices=WORD_FORMS, default="syllables",
                         help="training episodes' words: two known syllables, or random strings of 1-8 letters "
                              "(naming those takes copying)")

@@ -70,8 +70,12 @@ def test_missing_image_in_data_is_reported_with_file_and_line(tmp_path):
 @pytest.mark.slow
 def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
     made = mmgpt("data", "shapes", "--out", "icl", "--train", "20", "--eval", "7", "--episodes", "20",
-                 "--eval-episodes", "2", "--per-way", "3", cwd=tmp_path)
+                 "--eval-episodes", "2", "--per-way", "3", "--episode-ways", "2,3", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
+    records = [json.loads(line) for line in (tmp_path / "icl" / "train.jsonl").read_text().splitlines()]
+    episode_ways = {len({part["text"] for part in r["content"] if part["type"] == "text"})
+                    for r in records if "content" in r and r["content"][0]["type"] == "image" and len(r["content"]) > 2}
+    assert episode_ways == {2, 3}
     assert "episodes-eval.jsonl (12 records)" in made.stdout and "episodes-eval-5way.jsonl (30 records)" in made.stdout
     trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, TINY_LFM2, "--set",
                     "output_dir=run", "data.train=icl/train.jsonl", "data.eval=", "train.max_steps=3", cwd=tmp_path)
@@ -128,6 +132,8 @@ def test_errors_are_one_line_naming_the_file_and_debug_shows_the_traceback(tiny,
 
     zero = mmgpt("eval", str(folder), "--data", "x.jsonl", "--batch-size", "0", cwd=tmp_path)
     assert zero.returncode == 2 and "--batch-size: expects a whole number of at least 1, got '0'" in zero.stderr
+    ways = mmgpt("data", "shapes", "--out", "w", "--episode-ways", "2,x", cwd=tmp_path)
+    assert ways.returncode == 2 and "--episode-ways takes whole numbers separated by commas" in ways.stderr
 
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "/runs/final/model.safetensors"),

@@ -137,6 +137,16 @@ def test_training_episodes_bind_each_word_to_one_category_right_after_its_pictur
         assert len(category_of) == 2 and len({frozenset(c) for c in category_of.values()}) == 2
 
 
+def test_episode_ways_mixes_training_episodes_and_leaves_the_held_out_sets_as_they_are(tmp_path, icl_dir):
+    write_shapes(tmp_path, seed=3, train=4, eval=7, episodes=60, eval_episodes=4, ways=2, per_way=5,
+                 episode_ways=(2, 3, 4))
+    ways = [len({word for _, word in pictures_and_words(e["content"])}) for e in training_episodes(tmp_path)]
+    assert len(ways) == 60 and set(ways) == {2, 3, 4}
+    assert (tmp_path / "episodes-eval.jsonl").read_text() == (icl_dir / "episodes-eval.jsonl").read_text()
+    with pytest.raises(ValueError, match="ways must be between 2 and .* got 9"):
+        write_shapes(tmp_path, train=1, eval=1, episode_ways=(2, 9))
+
+
 @pytest.mark.parametrize("ways", [2, 3, 5])
 def test_an_episode_s_categories_and_words_are_told_apart_by_every_part(ways):
     """Categories differ in colour (and in shape while shapes last); words share no syllable, so none can be

@@ -83,15 +83,18 @@ def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozen
     return draw
 
 
-def training_words(form: str) -> Draw:
-    """How training episodes draw their words: `syllables` (two syllables, the training share of `made_up_words`)
-    or `strings` (one to eight letters of `STRING_ALPHABET`, never a held-out two-syllable word), so that
-    copying is the only way to name them: no piece recurs often enough to be learnt."""
+def training_words(form: str) -> Callable[[random.Random], Draw]:
+    """How a training episode draws its words, given the episode's rng: `syllables` (two syllables, the training
+    share of `made_up_words`) or `strings` (one to eight letters of an alphabet of 6 to 20 of `STRING_ALPHABET`'s
+    letters drawn for the episode, never a held-out two-syllable word), so that copying is the only way to name
+    them: no piece recurs often enough to be learnt. A small alphabet makes an episode's words share letters, as
+    the held-out words of six unseen letters do, so a copy must follow the word it began, not the last letter."""
     training, held_out = made_up_words()
     if form == "syllables":
-        return from_list(training)
+        return lambda rng: from_list(training)
     if form == "strings":
-        return letter_strings(STRING_ALPHABET, STRING_LENGTHS, frozenset(held_out))
+        return lambda rng: letter_strings("".join(rng.sample(STRING_ALPHABET, rng.randint(6, len(STRING_ALPHABET)))),
+                                          STRING_LENGTHS, frozenset(held_out))
     raise ValueError(f"episode word form must be one of {', '.join(WORD_FORMS)}, got {form!r}")
 
 
@@ -143,12 +146,13 @@ def training_episode(writer: ImageWriter, rng: random.Random, draw: Draw, ways: 
 
 
 def copy_drill(rng: random.Random, words: int = 6) -> dict:
-    """Plain text, no picture: `words` random words of one to eight letters of the whole alphabet, one a line, then
-    the same list again. The second half can only be written by copying the first, so the decoder practises copying
-    every letter, the unseen ones included, as a language model does from the text it is trained on; the letters
+    """Plain text, no picture: `words` random words of one to eight letters, one a line, then the same list again.
+    The second half can only be written by copying the first, so the decoder practises copying every letter, the
+    unseen ones included, as a language model does from the text it is trained on. Each drill draws its words from
+    7 to 26 letters of the alphabet, so words often share letters and a copy must keep its place. The unseen letters
     stay out of every word bound to a picture, and no drill word is made of unseen letters alone (so no held-out
     word is ever in training)."""
-    draw = letter_strings(string.ascii_lowercase, STRING_LENGTHS)
+    draw = letter_strings("".join(rng.sample(string.ascii_lowercase, rng.randint(7, 26))), STRING_LENGTHS)
     listed = []
     while len(listed) < words:
         word = draw(rng)

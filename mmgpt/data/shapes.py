@@ -116,15 +116,17 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
                  eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables",
-                 copy_drills: int = 0) -> list[Path]:
+                 copy_drills: int = 0, episode_ways: tuple[int, ...] = ()) -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
     whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
     question kinds, two-image questions included), plus `copy_drills` plain-text copying drills
-    (`mmgpt.data.episodes.copy_drill`); with `eval_episodes`, also the held-out episode sets
+    (`mmgpt.data.episodes.copy_drill`). Each training episode has `ways` categories, or as many as one of
+    `episode_ways` drawn for it says (many ways make choosing by picture pay more than guessing); with `eval_episodes`, also the held-out episode sets
     (`mmgpt.data.episodes.held_out_sets`: `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way`
     records per category, for few-shot evaluation."""
-    if not 2 <= ways <= len(COLOURS):
-        raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {ways}")
+    for count in (ways, *episode_ways):
+        if not 2 <= count <= len(COLOURS):
+            raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {count}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -164,8 +166,9 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
                 "kind": wanted,
             }
         )
-    draw = training_words(episode_words)
-    train_records += [training_episode(writer, rng, draw, ways) for _ in range(episodes)]
+    episode_draw = training_words(episode_words)
+    train_ways = episode_ways or (ways,)
+    train_records += [training_episode(writer, rng, episode_draw(rng), rng.choice(train_ways)) for _ in range(episodes)]
     train_records += [copy_drill(rng) for _ in range(copy_drills)]
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
