@@ -207,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
                         help="training episodes only: draw each one's categories from these counts, e.g. 2,3,4")
     shapes.add_argument("--episode-words", choices=WORD_FORMS, default="syllables",
                         help="training episodes' words: two known syllables, or random strings of 1-8 letters "
-                             "(naming those takes copying)")
+                             "(naming those takes copying) of the letters but chjqwy (strings) or of all (alphabet)")
     shapes.add_argument("--copy-drills", type=int, default=0,
                         help="plain-text drills (a list of random words, then the same list again) added to "
                              "train.jsonl: copying practice over every letter, none bound to a picture")

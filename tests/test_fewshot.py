@@ -12,7 +12,7 @@ import torch
 from mmgpt.data.collate import collate
 from mmgpt.data.episodes import (
     STRING_ALPHABET, STRING_LENGTHS, SYLLABLES, UNSEEN_LETTERS, from_list, made_up_words, pick_categories, pick_words,
-    pieces,
+    pieces, training_words,
 )
 from mmgpt.data.eval_records import read_eval_items
 from mmgpt.data.records import RecordError, parse_record
@@ -176,6 +176,18 @@ def test_string_episodes_draw_fresh_words_of_training_letters_only(strings_dir):
     long_words = [word for episode_words in words_of for word in episode_words if len(word) >= 4]
     assert len(set(long_words)) > 0.95 * len(long_words)  # re-drawn every episode (short ones repeat by chance)
     assert not words & set(made_up_words()[1])
+
+
+def test_alphabet_words_use_every_letter_but_never_a_held_out_word():
+    """The `alphabet` form: every letter, the unseen ones included, but never a word of unseen letters alone (every
+    unseen-letter held-out word is one) nor a held-out syllable word."""
+    rng = random.Random(5)
+    episode_draw = training_words("alphabet")
+    words = [word for _ in range(400) for word in pick_words(rng, episode_draw(rng), 3)]
+    assert set("".join(words)) == set(string.ascii_lowercase) and {len(word) for word in words} == set(STRING_LENGTHS)
+    assert not [word for word in words if set(word) <= set(UNSEEN_LETTERS) or word in made_up_words()[1]]
+    with pytest.raises(ValueError, match="episode word form must be one of syllables, strings, alphabet, got 'runes'"):
+        training_words("runes")
 
 
 def test_copy_drills_repeat_a_list_of_words_of_every_letter_and_never_a_held_out_word(strings_dir):

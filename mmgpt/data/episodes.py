@@ -34,7 +34,7 @@ STRING_ALPHABET = "".join(sorted(set(string.ascii_lowercase) - set(UNSEEN_LETTER
 STRING_LENGTHS = range(1, 9)
 WORLD_WORDS = {"zero"}  # the one word of the shapes world with the syllable form
 HELD_OUT_SHARE = 0.2
-WORD_FORMS = ("syllables", "strings")
+WORD_FORMS = ("syllables", "strings", "alphabet")
 
 Draw = Callable[[random.Random], str]
 
@@ -47,6 +47,9 @@ def made_up_words() -> tuple[list[str], list[str]]:
     random.Random("made-up-words").shuffle(words)
     held_out = int(len(words) * HELD_OUT_SHARE)
     return sorted(words[held_out:]), sorted(words[:held_out])
+
+
+HELD_OUT_WORDS = frozenset(made_up_words()[1])
 
 
 def pieces(word: str) -> list[str]:
@@ -73,28 +76,38 @@ def syllable_words(count: int) -> Draw:
     return lambda rng: "".join(rng.choice(SYLLABLES) for _ in range(count))
 
 
-def letter_strings(letters: str, lengths: range | tuple[int, ...], avoid: frozenset[str] = frozenset()) -> Draw:
-    """Random strings over `letters`, of a length drawn from `lengths`, never one of `avoid`."""
+def letter_strings(letters: str, lengths: range | tuple[int, ...],
+                   allowed: Callable[[str], bool] = lambda word: True) -> Draw:
+    """Random strings over `letters`, of a length drawn from `lengths`, each one that `allowed` accepts."""
     def draw(rng: random.Random) -> str:
         while True:
             word = "".join(rng.choice(letters) for _ in range(rng.choice(lengths)))
-            if word not in avoid:
+            if allowed(word):
                 return word
     return draw
 
 
+def never_held_out(word: str) -> bool:
+    """Whether a word may be in training: not a held-out two-syllable word, and not made of unseen letters alone
+    (every unseen-letter held-out word is), so no held-out word is ever in training."""
+    return word not in HELD_OUT_WORDS and not set(word) <= set(UNSEEN_LETTERS)
+
+
 def training_words(form: str) -> Callable[[random.Random], Draw]:
-    """How a training episode draws its words, given the episode's rng: `syllables` (two syllables, the training
-    share of `made_up_words`) or `strings` (one to eight letters of an alphabet of 6 to 20 of `STRING_ALPHABET`'s
-    letters drawn for the episode, never a held-out two-syllable word), so that copying is the only way to name
-    them: no piece recurs often enough to be learnt. A small alphabet makes an episode's words share letters, as
-    the held-out words of six unseen letters do, so a copy must follow the word it began, not the last letter."""
-    training, held_out = made_up_words()
+    """How a training episode draws its words, given the episode's rng, so that copying is the only way to name
+    them: `syllables` (two syllables, the training share of `made_up_words`); `strings` (one to eight letters of an
+    alphabet of 6 to 20 of `STRING_ALPHABET`'s letters drawn for the episode: the unseen letters are never bound
+    to a picture); `alphabet` (the same over 7 to 26 letters of the whole alphabet, never a word of unseen letters
+    alone). Strings are new every episode and no piece recurs often enough to be learnt. A small alphabet makes an
+    episode's words share letters, as held-out words of six letters do, so a copy must follow the word it began,
+    not its last letter alone."""
     if form == "syllables":
+        training = made_up_words()[0]
         return lambda rng: from_list(training)
-    if form == "strings":
-        return lambda rng: letter_strings("".join(rng.sample(STRING_ALPHABET, rng.randint(6, len(STRING_ALPHABET)))),
-                                          STRING_LENGTHS, frozenset(held_out))
+    if form in ("strings", "alphabet"):
+        letters, fewest = (STRING_ALPHABET, 6) if form == "strings" else (string.ascii_lowercase, 7)
+        return lambda rng: letter_strings("".join(rng.sample(letters, rng.randint(fewest, len(letters)))),
+                                          STRING_LENGTHS, never_held_out)
     raise ValueError(f"episode word form must be one of {', '.join(WORD_FORMS)}, got {form!r}")
 
 
@@ -152,12 +165,9 @@ def copy_drill(rng: random.Random, words: int = 6) -> dict:
     7 to 26 letters of the alphabet, so words often share letters and a copy must keep its place. The unseen letters
     stay out of every word bound to a picture, and no drill word is made of unseen letters alone (so no held-out
     word is ever in training)."""
-    draw = letter_strings("".join(rng.sample(string.ascii_lowercase, rng.randint(7, 26))), STRING_LENGTHS)
-    listed = []
-    while len(listed) < words:
-        word = draw(rng)
-        if not set(word) <= set(UNSEEN_LETTERS):
-            listed.append(word)
+    draw = letter_strings("".join(rng.sample(string.ascii_lowercase, rng.randint(7, 26))), STRING_LENGTHS,
+                          never_held_out)
+    listed = [draw(rng) for _ in range(words)]
     return {"content": [{"type": "text", "text": "\n".join(listed + listed)}]}
 
 
