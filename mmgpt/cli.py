@@ -115,7 +115,8 @@ def _eval(args: argparse.Namespace) -> int:
     run = Path(args.checkpoint).resolve().parent
     name = Path(args.data[0]).stem if len(args.data) == 1 else "several"
     plot_path = Path(args.plot) if args.plot else run / f"few-shot-{name}.png"
-    plot_few_shot(results, plot_path, title=f"{run.name} on {', '.join(Path(data).name for data in args.data)}")
+    sources = Path(args.data[0]).name if len(args.data) == 1 else f"{len(args.data)} files in {Path(args.data[0]).parent}"
+    plot_few_shot(results, plot_path, title=f"{run.name} on {sources}")
     print(f"plot: {plot_path}")
     print(json.dumps(results))
     return 0

@@ -24,7 +24,7 @@ TINY_OVERRIDES = [
 ]
 
 
-# The tiny-icl recipe's decoder layout (LFM2: a short convolution before each attention layer), at test size.
+# The tiny-icl recipe's decoder layout (LFM2: a short convolution, then one attention layer), at test size.
 TINY_LFM2 = ("model.text.config={model_type: lfm2, hidden_size: 32, intermediate_size: 64, "
              "block_auto_adjust_ff_dim: false, num_hidden_layers: 2, layer_types: [conv, full_attention], "
              "num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}")

@@ -104,7 +104,7 @@ def test_a_document_to_continue_is_left_open_and_never_cut(api):
 
 
 def test_a_convolutional_decoder_continues_left_padded_batches_as_one_by_one(shapes_dir, tmp_path):
-    """The tiny-icl recipe's decoder layout (LFM2: short convolutions between attention layers): padding on the
+    """The tiny-icl recipe's decoder layout (LFM2: a short convolution before the attention layer): padding on the
     left must not leak into the convolutions, so a batch answers as each document alone."""
     torch.manual_seed(0)
     config = tiny_config(shapes_dir, tmp_path, TINY_LFM2)
