@@ -89,7 +89,8 @@ def _way_counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--episode-ways takes whole numbers separated by commas, e.g. 2,3,4; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--episode-ways takes whole numbers separated by commas, e.g. 2,3,4; got {text!r}")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -115,7 +116,8 @@ def _eval(args: argparse.Namespace) -> int:
     run = Path(args.checkpoint).resolve().parent
     name = Path(args.data[0]).stem if len(args.data) == 1 else "several"
     plot_path = Path(args.plot) if args.plot else run / f"few-shot-{name}.png"
-    sources = Path(args.data[0]).name if len(args.data) == 1 else f"{len(args.data)} files in {Path(args.data[0]).parent}"
+    folder = Path(args.data[0]).parent
+    sources = Path(args.data[0]).name if len(args.data) == 1 else f"{len(args.data)} files in {folder}"
     plot_few_shot(results, plot_path, title=f"{run.name} on {sources}")
     print(f"plot: {plot_path}")
     print(json.dumps(results))

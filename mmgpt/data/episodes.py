@@ -9,11 +9,11 @@ follows its picture at once and the next picture follows the word: every token m
 the word, a chat's role markers) put binding off by hundreds to thousands of steps in a small decoder trained from
 scratch (`benchmarks/binding_steps.py`, README "Few-shot").
 
-Training words are drawn afresh for every episode, either as two consonant-vowel syllables (`syllables`) or as
-random strings of one to eight letters (`strings`: any but the unseen letters). A model trained on syllable words
-can pass a test of new pairings of known syllables by looking pieces up; the held-out sets (`held_out_sets`) add
-what a lookup cannot pass: words of letters that no training word has, words of other lengths, and 3- to 5-way
-episodes.
+Training words are drawn afresh for every episode, as two consonant-vowel syllables (`syllables`) or as random
+strings of one to eight letters (`strings`: any but the unseen letters; `alphabet`: any, never a word of unseen
+letters alone). A model trained on syllable words can pass a test of new pairings of known syllables by looking
+pieces up; the held-out sets (`held_out_sets`) add what a lookup cannot pass: words of letters that no training
+word is made of, words of other lengths, and 3- to 5-way episodes.
 """
 
 from __future__ import annotations
@@ -162,9 +162,8 @@ def copy_drill(rng: random.Random, words: int = 6) -> dict:
     """Plain text, no picture: `words` random words of one to eight letters, one a line, then the same list again.
     The second half can only be written by copying the first, so the decoder practises copying every letter, the
     unseen ones included, as a language model does from the text it is trained on. Each drill draws its words from
-    7 to 26 letters of the alphabet, so words often share letters and a copy must keep its place. The unseen letters
-    stay out of every word bound to a picture, and no drill word is made of unseen letters alone (so no held-out
-    word is ever in training)."""
+    7 to 26 letters of the alphabet, so words often share letters and a copy must keep its place. No drill word is
+    held out or made of unseen letters alone (`never_held_out`)."""
     draw = letter_strings("".join(rng.sample(string.ascii_lowercase, rng.randint(7, 26))), STRING_LENGTHS,
                           never_held_out)
     listed = [draw(rng) for _ in range(words)]

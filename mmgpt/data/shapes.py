@@ -121,9 +121,10 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
     question kinds, two-image questions included), plus `copy_drills` plain-text copying drills
     (`mmgpt.data.episodes.copy_drill`). Each training episode has `ways` categories, or as many as one of
-    `episode_ways` drawn for it says (many ways make choosing by picture pay more than guessing); with `eval_episodes`, also the held-out episode sets
-    (`mmgpt.data.episodes.held_out_sets`: `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way`
-    records per category, for few-shot evaluation."""
+    `episode_ways` drawn for it says (many ways make choosing by picture pay more than guessing). With
+    `eval_episodes`, also the held-out episode sets (`mmgpt.data.episodes.held_out_sets`:
+    `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way` records per category, for few-shot
+    evaluation."""
     for count in (ways, *episode_ways):
         if not 2 <= count <= len(COLOURS):
             raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {count}")
