@@ -72,11 +72,11 @@ class Episodes:
         while True:
             if self.args.words == "strings":
                 words = [tuple(self.rng.randrange(SYLLABLES) for _ in range(self.rng.randint(1, 4))) for _ in range(2)]
-                if words[0][0] != words[1][0]:
-                    return words
-                continue
-            words = self.rng.sample(vocabulary, 2)
-            if not set(words[0]) & set(words[1]):
+                told_apart = words[0][0] != words[1][0]
+            else:
+                words = self.rng.sample(vocabulary, 2)
+                told_apart = not set(words[0]) & set(words[1])
+            if told_apart:
                 return words
 
     def episode(self, vocabulary: list[tuple[int, int]], turns: int) -> tuple[list[int], list[int], torch.Tensor, list]:

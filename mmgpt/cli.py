@@ -75,22 +75,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _shot_counts(text: str) -> list[int]:
+def _whole_numbers(option: str, example: str, text: str) -> list[int]:
     try:
-        counts = [int(part) for part in text.split(",")]
+        return [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shots takes whole numbers separated by commas, e.g. 0,1,2,4; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{option} takes whole numbers separated by commas, e.g. {example}; got {text!r}")
+
+
+def _shot_counts(text: str) -> list[int]:
+    counts = _whole_numbers("--shots", "0,1,2,4", text)
     if any(count < 0 for count in counts) or len(set(counts)) != len(counts):
         raise argparse.ArgumentTypeError(f"--shots takes distinct numbers >= 0; got {text!r}")
     return counts
 
 
 def _way_counts(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--episode-ways takes whole numbers separated by commas, e.g. 2,3,4; got {text!r}")
+    return tuple(_whole_numbers("--episode-ways", "2,3,4", text))
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -205,12 +206,13 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--eval-episodes", type=int, default=0,
                         help="episodes of each held-out set (episodes-eval*.jsonl: new pairings, unseen letters, other "
                              "lengths, 3- to 5-way), for `mmgpt eval --shots`")
-    shapes.add_argument("--ways", type=int, default=2, help="categories per episode, training and held-out")
+    shapes.add_argument("--ways", type=int, default=2,
+                        help="categories per episode: held-out new pairings, and training unless --episode-ways")
     shapes.add_argument("--episode-ways", type=_way_counts, default=(),
                         help="training episodes only: draw each one's categories from these counts, e.g. 2,3,4")
     shapes.add_argument("--episode-words", choices=WORD_FORMS, default="syllables",
                         help="training episodes' words: two known syllables, or random strings of 1-8 letters "
-                             "(naming those takes copying) of the letters but chjqwy (strings) or of all (alphabet)")
+                             "that only copying can name, of every letter but chjqwy (strings) or of all (alphabet)")
     shapes.add_argument("--copy-drills", type=int, default=0,
                         help="plain-text drills (a list of random words, then the same list again) added to "
                              "train.jsonl: copying practice over every letter, none bound to a picture")

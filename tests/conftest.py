@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,13 @@ TINY_OVERRIDES = [
     "train.eval_batches=1",
     "train.mixed_precision=no",
 ]
+
+
+def training_episodes(folder: Path) -> list[dict]:
+    """The fast-binding episodes of a train.jsonl: documents of several pictures that open with one (the shapes
+    world's documents open with text, or are one picture and its caption)."""
+    records = map(json.loads, (folder / "train.jsonl").read_text().splitlines())
+    return [r for r in records if "content" in r and r["content"][0]["type"] == "image" and len(r["content"]) > 2]
 
 
 # The tiny-icl recipe's decoder layout (LFM2: a short convolution, then one attention layer), at test size.

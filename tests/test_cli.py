@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_LFM2, TINY_OVERRIDES
+from conftest import TINY_LFM2, TINY_OVERRIDES, training_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +72,8 @@ def test_few_shot_eval_on_held_out_episodes_from_the_command_line(tmp_path):
     made = mmgpt("data", "shapes", "--out", "icl", "--train", "20", "--eval", "7", "--episodes", "20",
                  "--eval-episodes", "2", "--per-way", "3", "--episode-ways", "2,3", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
-    records = [json.loads(line) for line in (tmp_path / "icl" / "train.jsonl").read_text().splitlines()]
     episode_ways = {len({part["text"] for part in r["content"] if part["type"] == "text"})
-                    for r in records if "content" in r and r["content"][0]["type"] == "image" and len(r["content"]) > 2}
+                    for r in training_episodes(tmp_path / "icl")}
     assert episode_ways == {2, 3}
     assert "episodes-eval.jsonl (12 records)" in made.stdout and "episodes-eval-5way.jsonl (30 records)" in made.stdout
     trained = mmgpt("train", str(ROOT / "configs" / "tiny-icl.yaml"), "--set", *TINY_OVERRIDES, TINY_LFM2, "--set",

@@ -21,6 +21,8 @@ from mmgpt.data.shapes import pair_question, write_shapes
 from mmgpt.fewshot import few_shot_items
 from mmgpt.images import load_image
 
+from conftest import training_episodes
+
 
 @pytest.fixture(scope="module")
 def icl_dir(tmp_path_factory):
@@ -35,13 +37,6 @@ def strings_dir(tmp_path_factory):
     write_shapes(folder, seed=4, train=10, eval=7, episodes=300, eval_episodes=6, per_way=2, episode_words="strings",
                  copy_drills=200)
     return folder
-
-
-def training_episodes(folder):
-    """The fast-binding episodes of a train.jsonl: documents of several pictures that open with one (the shapes
-    world's documents open with text, or are one picture and its caption)."""
-    records = map(json.loads, (folder / "train.jsonl").read_text().splitlines())
-    return [r for r in records if "content" in r and r["content"][0]["type"] == "image" and len(r["content"]) > 2]
 
 
 def pictures_and_words(content):

@@ -29,7 +29,8 @@ from mmgpt.data.scenes import COLOURS, SHAPES, ImageWriter, draw_object
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 SYLLABLES = ["".join(pair) for pair in itertools.product(CONSONANTS, VOWELS)]
-UNSEEN_LETTERS = "chjqwy"  # in no training word; each is in the shapes world's text, so the decoder knows its tokens
+UNSEEN_LETTERS = "chjqwy"  # no training word is made of them alone; each is in the shapes world's text
+UNSEEN = frozenset(UNSEEN_LETTERS)
 STRING_ALPHABET = "".join(sorted(set(string.ascii_lowercase) - set(UNSEEN_LETTERS)))
 STRING_LENGTHS = range(1, 9)
 WORLD_WORDS = {"zero"}  # the one word of the shapes world with the syllable form
@@ -90,24 +91,30 @@ def letter_strings(letters: str, lengths: range | tuple[int, ...],
 def never_held_out(word: str) -> bool:
     """Whether a word may be in training: not a held-out two-syllable word, and not made of unseen letters alone
     (every unseen-letter held-out word is), so no held-out word is ever in training."""
-    return word not in HELD_OUT_WORDS and not set(word) <= set(UNSEEN_LETTERS)
+    return word not in HELD_OUT_WORDS and not set(word) <= UNSEEN
+
+
+def small_alphabet_strings(letters: str, fewest: int) -> Callable[[random.Random], Draw]:
+    """Given an episode's (or a drill's) rng: strings of one to eight letters of `fewest` to all of `letters`,
+    drawn for it, never held out. A small alphabet makes the words share letters, as held-out words of six letters
+    do, so a copy must follow the word it began, not its last letter alone."""
+    return lambda rng: letter_strings("".join(rng.sample(letters, rng.randint(fewest, len(letters)))),
+                                      STRING_LENGTHS, never_held_out)
 
 
 def training_words(form: str) -> Callable[[random.Random], Draw]:
     """How a training episode draws its words, given the episode's rng, so that copying is the only way to name
-    them: `syllables` (two syllables, the training share of `made_up_words`); `strings` (one to eight letters of an
-    alphabet of 6 to 20 of `STRING_ALPHABET`'s letters drawn for the episode: the unseen letters are never bound
-    to a picture); `alphabet` (the same over 7 to 26 letters of the whole alphabet, never a word of unseen letters
-    alone). Strings are new every episode and no piece recurs often enough to be learnt. A small alphabet makes an
-    episode's words share letters, as held-out words of six letters do, so a copy must follow the word it began,
-    not its last letter alone."""
+    them: `syllables` (two syllables, the training share of `made_up_words`); `strings` (of 6 to 20 of
+    `STRING_ALPHABET`'s letters: the unseen letters are never bound to a picture); `alphabet` (of 7 to 26 letters
+    of the whole alphabet, so always one that is not unseen). Strings are new every episode and no piece recurs
+    often enough to be learnt."""
     if form == "syllables":
         training = made_up_words()[0]
         return lambda rng: from_list(training)
-    if form in ("strings", "alphabet"):
-        letters, fewest = (STRING_ALPHABET, 6) if form == "strings" else (string.ascii_lowercase, 7)
-        return lambda rng: letter_strings("".join(rng.sample(letters, rng.randint(fewest, len(letters)))),
-                                          STRING_LENGTHS, never_held_out)
+    if form == "strings":
+        return small_alphabet_strings(STRING_ALPHABET, 6)
+    if form == "alphabet":
+        return small_alphabet_strings(string.ascii_lowercase, 7)
     raise ValueError(f"episode word form must be one of {', '.join(WORD_FORMS)}, got {form!r}")
 
 
@@ -162,10 +169,9 @@ def copy_drill(rng: random.Random, words: int = 6) -> dict:
     """Plain text, no picture: `words` random words of one to eight letters, one a line, then the same list again.
     The second half can only be written by copying the first, so the decoder practises copying every letter, the
     unseen ones included, as a language model does from the text it is trained on. Each drill draws its words from
-    7 to 26 letters of the alphabet, so words often share letters and a copy must keep its place. No drill word is
-    held out or made of unseen letters alone (`never_held_out`)."""
-    draw = letter_strings("".join(rng.sample(string.ascii_lowercase, rng.randint(7, 26))), STRING_LENGTHS,
-                          never_held_out)
+    7 to 26 letters of the alphabet, as `alphabet` episodes do, so words often share letters and a copy must keep
+    its place. No drill word is held out or made of unseen letters alone."""
+    draw = training_words("alphabet")(rng)
     listed = [draw(rng) for _ in range(words)]
     return {"content": [{"type": "text", "text": "\n".join(listed + listed)}]}
 
