@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmgpt.data.clutter import STYLES
 from mmgpt.data.episodes import WORD_FORMS
 
 
@@ -20,6 +21,14 @@ def _data_shapes(args: argparse.Namespace) -> int:
                          episode_words=args.episode_words, copy_drills=args.copy_drills,
                          episode_ways=args.episode_ways)
     for path in paths:
+        print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
+    return 0
+
+
+def _data_clutter(args: argparse.Namespace) -> int:
+    from mmgpt.data.clutter import write_clutter
+
+    for path in write_clutter(args.out, style=args.style, seed=args.seed, train=args.train, eval=args.eval):
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
 
@@ -219,6 +228,16 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
+
+    clutter = data.add_parser("clutter", help="another world: QA chats only, objects anywhere, skewed answers")
+    clutter.add_argument("--out", required=True, help="folder for train.jsonl, eval.jsonl and images/")
+    clutter.add_argument("--style", choices=tuple(STYLES), default="clutter",
+                         help="clutter: filled shapes on pale or textured grounds; sketch: outlines, another palette, "
+                              "mostly dark grounds (kept for checking recipes on a world they were not tuned on)")
+    clutter.add_argument("--seed", type=int, default=0)
+    clutter.add_argument("--train", type=int, default=6000, help="training pictures, a chat of up to 5 questions each")
+    clutter.add_argument("--eval", type=int, default=600, help="held-out questions, balanced by answer in each kind")
+    clutter.set_defaults(run=_data_clutter)
 
     convert = _data_input(data.add_parser(
         "convert", help="any known format (LLaVA, ShareGPT, HF datasets, webdataset) -> our JSONL"))

@@ -1,0 +1,95 @@
+"""The clutter worlds: deterministic, answers true to the drawn scene, skewed in training, balanced held out."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from mmgpt.cli import main
+from mmgpt.data.clutter import IMAGE_SIZE, KINDS, STYLES, draw_things, question, random_things, write_clutter
+from mmgpt.data.formats import read_jsonl
+
+
+def _answers(path) -> list[tuple[str, str]]:
+    """(question, answer) of every assistant turn."""
+    pairs = []
+    for record in map(json.loads, path.read_text().splitlines()):
+        messages = record["messages"]
+        for asked, answer in zip(messages[::2], messages[1::2]):
+            text = next(item["text"] for item in asked["content"] if item["type"] == "text")
+            pairs.append((record.get("kind", text), answer["content"]))
+    return pairs
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_same_seed_same_files_and_records_load(tmp_path, style):
+    first = write_clutter(tmp_path / "a", style=style, seed=2, train=30, eval=24)
+    second = write_clutter(tmp_path / "b", style=style, seed=2, train=30, eval=24)
+    for a, b in zip(first, second):
+        assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "a/images/train000007.png").read_bytes() == (tmp_path / "b/images/train000007.png").read_bytes()
+    samples, skipped = read_jsonl(first[0])
+    assert len(samples) == 30 and not skipped and all(sample.images for sample in samples)
+    assert Image.open(tmp_path / "a" / samples[0].images[0]).size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_held_out_answers_are_balanced_within_each_kind_and_training_is_skewed(tmp_path):
+    _, eval_path = write_clutter(tmp_path, train=400, eval=240)
+    held_out = Counter(_answers(eval_path))
+    kinds = Counter(kind for kind, _ in held_out.elements())
+    assert set(kinds) == set(KINDS) and set(kinds.values()) == {40}
+    for kind in KINDS:
+        counts = [count for (k, _), count in held_out.items() if k == kind]
+        assert max(counts) - min(counts) <= 1, (kind, counts)
+    trained = Counter(answer for _, answer in _answers(tmp_path / "train.jsonl"))
+    assert trained["no"] > 2 * trained["yes"]
+    assert trained["small"] > 2 * trained["big"]
+    assert trained["red"] > 3 * trained["blue"]
+
+
+def test_answers_are_true_to_the_scene():
+    world = STYLES["clutter"]
+    rng = random.Random(0)
+    for _ in range(200):
+        things = random_things(world, rng, rng.randint(1, 4), 0.5, (1,) * len(world.palette))
+        assert len({(t.colour, t.shape) for t in things}) == len(things)
+        for kind in KINDS:
+            asked = question(world, things, kind, rng, yes_share=0.5)
+            if asked is None:
+                continue
+            text, answer = asked
+            named = [t for t in things if f"the {t.name} " in text]
+            if kind == "position" and "left" in text:
+                assert answer == ("left" if named[0].x < IMAGE_SIZE / 2 - 6 else "right" if named[0].x > IMAGE_SIZE / 2 + 6 else None)
+            elif kind == "position":
+                assert answer == ("top" if named[0].y < IMAGE_SIZE / 2 - 6 else "bottom" if named[0].y > IMAGE_SIZE / 2 + 6 else None)
+            elif kind == "size":
+                width = named[0].width
+                assert answer == ("small" if width <= 14 else "big") and not 14 < width < 21
+            elif kind == "presence":
+                colour, shape = text.removeprefix("Is there a ").removesuffix("?").split()
+                assert answer == ("yes" if any((t.colour, t.shape) == (colour, shape) for t in things) else "no")
+            elif text == "How many shapes are there?":
+                assert answer == ("zero", "one", "two", "three", "four")[len(things)]
+
+
+def test_objects_are_drawn_in_their_colour_where_they_are():
+    world = STYLES["clutter"]
+    rng = random.Random(1)
+    things = random_things(world, rng, 1, 0.0, (1,) * len(world.palette))
+    image = draw_things(world, things, rng)
+    centre = image.getpixel((round(things[0].x), round(things[0].y)))
+    assert centre == world.palette[things[0].colour]
+
+
+def test_cli_writes_both_styles_and_refuses_an_unknown_one(tmp_path, capsys):
+    assert main(["data", "clutter", "--out", str(tmp_path / "s"), "--style", "sketch", "--train", "12", "--eval", "12"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert len((tmp_path / "s/eval.jsonl").read_text().splitlines()) == 12
+    with pytest.raises(SystemExit):
+        main(["data", "clutter", "--out", str(tmp_path / "x"), "--style", "nowhere"])
+    assert "invalid choice: 'nowhere'" in capsys.readouterr().err
