@@ -142,6 +142,7 @@ def composite_config(config: ModelConfig, text_config: PretrainedConfig, image_t
         text_attn_implementation=config.text.attn_implementation,
         projector_shuffle_factor=config.projector_shuffle_factor,
         projector_pool_size=config.projector_pool_size,
+        projector_grid_embedding=config.projector_grid_embedding,
         image_token_id=image_token_id,
     )
 

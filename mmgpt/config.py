@@ -54,6 +54,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     projector_shuffle_factor: int = 1  # >1 merges r x r patches into one token (r^2 fewer image tokens)
     projector_pool_size: int = 0  # >0 averages the patch grid to P x P tokens (1: one global token per image)
+    projector_grid_embedding: bool = False  # true: a learnt row and column embedding added to each image token
     init_from: str = ""  # start from a saved model folder (e.g. a previous stage's OUTPUT/final)
 
 

@@ -28,10 +28,14 @@ def average_pool(features: torch.Tensor, grid_size: tuple[int, int], pooled: int
 
 class Projector(nn.Module):
     """LLaVA-1.5 style two-layer MLP, after an optional average pool of the patch grid or pixel shuffle (Idefics3 /
-    nanoVLM): the pool keeps the width and loses where things are, the shuffle keeps everything in wider tokens."""
+    nanoVLM): the pool keeps the width and loses where things are, the shuffle keeps everything in wider tokens.
+
+    With `grid_embedding`, each image token also gets a learnt row and a learnt column embedding, the same for
+    every image wherever it stands in the text: "left" is then one feature of every left token, read in the same
+    look that finds the token by what it shows."""
 
     def __init__(self, vision_width: int, text_width: int, grid_size: tuple[int, int], shuffle_factor: int = 1,
-                 pool_size: int = 0):
+                 pool_size: int = 0, grid_embedding: bool = False):
         super().__init__()
         if pool_size and shuffle_factor > 1:
             raise ValueError("choose either an average pool or a pixel shuffle for the projector, not both")
@@ -40,6 +44,9 @@ class Projector(nn.Module):
         self.pool_size = pool_size
         in_width = vision_width * shuffle_factor**2
         self.mlp = nn.Sequential(nn.Linear(in_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
+        rows, columns = (pool_size, pool_size) if pool_size else (side // shuffle_factor for side in grid_size)
+        self.row_embedding = nn.Parameter(torch.randn(rows, 1, text_width) * 0.02) if grid_embedding else None
+        self.column_embedding = nn.Parameter(torch.randn(1, columns, text_width) * 0.02) if grid_embedding else None
 
     def num_tokens(self, num_patches: int) -> int:
         return self.pool_size**2 if self.pool_size else num_patches // self.shuffle_factor**2
@@ -49,4 +56,7 @@ class Projector(nn.Module):
             features = average_pool(features, self.grid_size, self.pool_size)
         elif self.shuffle_factor > 1:
             features = pixel_shuffle(features, self.grid_size, self.shuffle_factor)
-        return self.mlp(features)
+        tokens = self.mlp(features)
+        if self.row_embedding is not None:
+            tokens = tokens + (self.row_embedding + self.column_embedding).flatten(0, 1)
+        return tokens

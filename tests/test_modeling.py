@@ -176,6 +176,29 @@ def test_average_pool_projector_from_config_to_saved_model(shapes_dir, tmp_path)
         build(tiny_config(shapes_dir, tmp_path, "model.projector_shuffle_factor=2", "model.projector_pool_size=1").model, [])
 
 
+def test_grid_embedding_marks_each_token_with_its_row_and_column_and_is_saved(shapes_dir, tmp_path):
+    """model.projector_grid_embedding: the same content in two tokens differs by their row and column embeddings
+    (shared along rows and columns), and the embeddings train and come back from a saved model."""
+    from mmgpt.build import build
+    from conftest import tiny_config
+
+    config = tiny_config(shapes_dir, tmp_path, "model.projector_shuffle_factor=2", "model.projector_grid_embedding=true")
+    _, model = build(config.model, ["a red circle"])
+    projector = model.projector
+    rows, columns = (side // 2 for side in model.vision.grid_size)
+    assert projector.row_embedding.shape[0] == rows and projector.column_embedding.shape[1] == columns
+    same = torch.randn(1, 1, model.vision.width).expand(1, model.vision.num_patches, -1)
+    tokens = projector(same).reshape(rows, columns, -1)
+    torch.testing.assert_close(tokens[0, 1] - tokens[0, 0], projector.column_embedding[0, 1] - projector.column_embedding[0, 0])
+    torch.testing.assert_close(tokens[1, 0] - tokens[0, 0], projector.row_embedding[1, 0] - projector.row_embedding[0, 0])
+    tokens.sum().backward()
+    assert projector.row_embedding.grad.abs().sum() > 0 and projector.column_embedding.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").projector
+    torch.testing.assert_close(loaded.row_embedding, projector.row_embedding)
+    assert build(tiny_config(shapes_dir, tmp_path).model, [])[1].projector.row_embedding is None
+
+
 DECODERS = {
     "gpt2": "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256, resid_pdrop: 0.0, embd_pdrop: 0.0, "
             "attn_pdrop: 0.0}",
