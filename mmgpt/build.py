@@ -143,6 +143,7 @@ def composite_config(config: ModelConfig, text_config: PretrainedConfig, image_t
         projector_shuffle_factor=config.projector_shuffle_factor,
         projector_pool_size=config.projector_pool_size,
         projector_grid_embedding=config.projector_grid_embedding,
+        projector_norm=config.projector_norm,
         image_token_id=image_token_id,
     )
 

@@ -50,6 +50,7 @@ class MMGPTConfig(PretrainedConfig):
     projector_shuffle_factor: int = 1
     projector_pool_size: int = 0
     projector_grid_embedding: bool = False
+    projector_norm: bool = False
     image_token_id: int = 0
     tie_word_embeddings: bool = False
 
@@ -80,7 +81,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, **self._attention_kwargs(config))
         self.projector = Projector(
             self.vision.width, config.text_config.hidden_size, self.vision.grid_size, config.projector_shuffle_factor,
-            config.projector_pool_size, config.projector_grid_embedding,
+            config.projector_pool_size, config.projector_grid_embedding, config.projector_norm,
         )
         # The blocks FSDP wraps (and device maps keep whole): found from the towers, for any decoder and ViT.
         self._no_split_modules = [*(self.language_model._no_split_modules or []), type(self.vision.vit.blocks[0]).__name__]
@@ -108,6 +109,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model.language_model = AutoModelForCausalLM.from_pretrained(
                 config.text_pretrained, config=config.text_config, **cls._attention_kwargs(config)
             )
+        model.projector.match_scale(model.language_model.get_input_embeddings().weight)
         return model
 
     @staticmethod

@@ -199,6 +199,29 @@ def test_grid_embedding_marks_each_token_with_its_row_and_column_and_is_saved(sh
     assert build(tiny_config(shapes_dir, tmp_path).model, [])[1].projector.row_embedding is None
 
 
+def test_projector_norm_starts_image_tokens_at_the_scale_of_the_token_embeddings(shapes_dir, tmp_path):
+    """model.projector_norm: however large the vision features, image tokens come out at the decoder's embedding
+    scale (per element, the embeddings' standard deviation), and a saved model keeps the learnt gain."""
+    from mmgpt.build import build
+    from conftest import tiny_config
+
+    config = tiny_config(shapes_dir, tmp_path, "model.projector_norm=true")
+    _, model = build(config.model, ["a red circle"])
+    embeddings = model.language_model.get_input_embeddings().weight
+    features = 100 * torch.randn(3, model.vision.num_patches, model.vision.width)
+    tokens = model.projector(features)
+    expected = embeddings.std() * tokens.shape[-1] ** 0.5
+    torch.testing.assert_close(tokens.norm(dim=-1).mean(), expected, rtol=0.02, atol=0)
+    assert model.projector(features / 10).norm(dim=-1).mean().item() == pytest.approx(expected.item(), rel=0.02)
+    with torch.no_grad():
+        model.projector.norm.weight.mul_(3)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").projector
+    torch.testing.assert_close(loaded.norm.weight, model.projector.norm.weight)
+    unnormed = build(tiny_config(shapes_dir, tmp_path).model, [])[1]
+    assert unnormed.projector.norm is None
+
+
 DECODERS = {
     "gpt2": "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 256, resid_pdrop: 0.0, embd_pdrop: 0.0, "
             "attn_pdrop: 0.0}",
