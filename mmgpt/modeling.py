@@ -109,7 +109,6 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
             model.language_model = AutoModelForCausalLM.from_pretrained(
                 config.text_pretrained, config=config.text_config, **cls._attention_kwargs(config)
             )
-        model.projector.match_scale(model.language_model.get_input_embeddings().weight)
         return model
 
     @staticmethod

@@ -199,27 +199,31 @@ def test_grid_embedding_marks_each_token_with_its_row_and_column_and_is_saved(sh
     assert build(tiny_config(shapes_dir, tmp_path).model, [])[1].projector.row_embedding is None
 
 
-def test_projector_norm_starts_image_tokens_at_the_scale_of_the_token_embeddings(shapes_dir, tmp_path):
-    """model.projector_norm: however large the vision features, image tokens come out at the decoder's embedding
-    scale (per element, the embeddings' standard deviation), and a saved model keeps the learnt gain."""
+def test_projector_norm_keeps_image_tokens_at_one_scale_with_the_grid_inside(shapes_dir, tmp_path):
+    """model.projector_norm: however large the vision features, image tokens come out at the LayerNorm's scale,
+    the grid embedding normed with them (so it cannot be drowned), and a saved model keeps the learnt gain."""
     from mmgpt.build import build
     from conftest import tiny_config
 
-    config = tiny_config(shapes_dir, tmp_path, "model.projector_norm=true")
+    config = tiny_config(shapes_dir, tmp_path, "model.projector_norm=true", "model.projector_grid_embedding=true")
     _, model = build(config.model, ["a red circle"])
-    embeddings = model.language_model.get_input_embeddings().weight
-    features = 100 * torch.randn(3, model.vision.num_patches, model.vision.width)
-    tokens = model.projector(features)
-    expected = embeddings.std() * tokens.shape[-1] ** 0.5
-    torch.testing.assert_close(tokens.norm(dim=-1).mean(), expected, rtol=0.02, atol=0)
-    assert model.projector(features / 10).norm(dim=-1).mean().item() == pytest.approx(expected.item(), rel=0.02)
+    features = torch.randn(3, model.vision.num_patches, model.vision.width)
+    width = model.projector.norm.normalized_shape[0]
+    for scale in (1, 100):
+        torch.testing.assert_close(model.projector(scale * features).norm(dim=-1).mean().item(), width**0.5, rtol=0.01, atol=0)
     with torch.no_grad():
         model.projector.norm.weight.mul_(3)
+        model.projector.column_embedding.mul_(1000)
+    tokens = model.projector(100 * features)
+    columns = model.projector.column_embedding.shape[1]
+    same_column = torch.nn.functional.cosine_similarity(tokens[0, 0], tokens[2, columns], dim=0)
+    assert same_column > 0.99  # the grid dominates: other images, other rows, one column, one token
+    torch.testing.assert_close(tokens.norm(dim=-1).mean().item(), 3 * width**0.5, rtol=0.01, atol=0)
     model.save_pretrained(tmp_path / "saved")
     loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").projector
     torch.testing.assert_close(loaded.norm.weight, model.projector.norm.weight)
-    unnormed = build(tiny_config(shapes_dir, tmp_path).model, [])[1]
-    assert unnormed.projector.norm is None
+    torch.testing.assert_close(loaded(100 * features), tokens)
+    assert build(tiny_config(shapes_dir, tmp_path).model, [])[1].projector.norm is None
 
 
 DECODERS = {
