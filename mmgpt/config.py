@@ -55,7 +55,7 @@ class ModelConfig:
     projector_shuffle_factor: int = 1  # >1 merges r x r patches into one token (r^2 fewer image tokens)
     projector_pool_size: int = 0  # >0 averages the patch grid to P x P tokens (1: one global token per image)
     projector_grid_embedding: bool = False  # true: a learnt row and column embedding added to each image token
-    projector_norm: bool = False  # true: a LayerNorm ends the projector (after the grid embedding)
+    projector_norm: bool = False  # true: a LayerNorm ends the MLP (before the grid embedding), so neither drowns
     init_from: str = ""  # start from a saved model folder (e.g. a previous stage's OUTPUT/final)
 
 

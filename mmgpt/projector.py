@@ -30,14 +30,12 @@ class Projector(nn.Module):
     """LLaVA-1.5 style two-layer MLP, after an optional average pool of the patch grid or pixel shuffle (Idefics3 /
     nanoVLM): the pool keeps the width and loses where things are, the shuffle keeps everything in wider tokens.
 
-    With `grid_embedding`, each image token also gets a learnt row and a learnt column embedding, the same for
-    every image wherever it stands in the text: "left" is then one feature of every left token, read in the same
-    look that finds the token by what it shows.
+    With `norm`, a LayerNorm ends the MLP. Unnormed, the MLP's output grows in training (to 12 times the decoder's
+    token embeddings and 60 times its position embeddings in the tiny recipe), and anything added to it drowns.
 
-    With `norm`, a LayerNorm ends the projector, after the grid embeddings. Unnormed, the MLP's output grows in
-    training (to 15 times the decoder's token embeddings and 80 times its position embeddings in the tiny recipe),
-    and where a token is drowns in what it shows; normed, the MLP has no reason to grow, and the two keep the
-    ratio they learn.
+    With `grid_embedding`, each image token also gets a learnt row and a learnt column embedding (after the norm,
+    started at half its scale), the same for every image wherever it stands in the text: "left" is then one
+    feature of every left token, read in the same look that finds the token by what it shows.
     """
 
     def __init__(self, vision_width: int, text_width: int, grid_size: tuple[int, int], shuffle_factor: int = 1,
@@ -52,8 +50,8 @@ class Projector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_width, text_width), nn.GELU(), nn.Linear(text_width, text_width))
         self.norm = nn.LayerNorm(text_width) if norm else None
         rows, columns = (pool_size, pool_size) if pool_size else (side // shuffle_factor for side in grid_size)
-        self.row_embedding = nn.Parameter(torch.randn(rows, 1, text_width) * 0.02) if grid_embedding else None
-        self.column_embedding = nn.Parameter(torch.randn(1, columns, text_width) * 0.02) if grid_embedding else None
+        self.row_embedding = nn.Parameter(torch.randn(rows, 1, text_width) * 0.5) if grid_embedding else None
+        self.column_embedding = nn.Parameter(torch.randn(1, columns, text_width) * 0.5) if grid_embedding else None
 
     def num_tokens(self, num_patches: int) -> int:
         return self.pool_size**2 if self.pool_size else num_patches // self.shuffle_factor**2
@@ -64,6 +62,8 @@ class Projector(nn.Module):
         elif self.shuffle_factor > 1:
             features = pixel_shuffle(features, self.grid_size, self.shuffle_factor)
         tokens = self.mlp(features)
+        if self.norm is not None:
+            tokens = self.norm(tokens)
         if self.row_embedding is not None:
             tokens = tokens + (self.row_embedding + self.column_embedding).flatten(0, 1)
-        return tokens if self.norm is None else self.norm(tokens)
+        return tokens
