@@ -63,10 +63,11 @@ def test_answers_are_true_to_the_scene():
                 continue
             text, answer = asked
             named = [t for t in things if f"the {t.name} " in text]
+            middle = IMAGE_SIZE / 2
             if kind == "position" and "left" in text:
-                assert answer == ("left" if named[0].x < IMAGE_SIZE / 2 - 6 else "right" if named[0].x > IMAGE_SIZE / 2 + 6 else None)
+                assert answer == ("left" if named[0].x < middle - 6 else "right" if named[0].x > middle + 6 else None)
             elif kind == "position":
-                assert answer == ("top" if named[0].y < IMAGE_SIZE / 2 - 6 else "bottom" if named[0].y > IMAGE_SIZE / 2 + 6 else None)
+                assert answer == ("top" if named[0].y < middle - 6 else "bottom" if named[0].y > middle + 6 else None)
             elif kind == "size":
                 width = named[0].width
                 assert answer == ("small" if width <= 14 else "big") and not 14 < width < 21
@@ -87,7 +88,8 @@ def test_objects_are_drawn_in_their_colour_where_they_are():
 
 
 def test_cli_writes_both_styles_and_refuses_an_unknown_one(tmp_path, capsys):
-    assert main(["data", "clutter", "--out", str(tmp_path / "s"), "--style", "sketch", "--train", "12", "--eval", "12"]) == 0
+    command = ["data", "clutter", "--out", str(tmp_path / "s"), "--style", "sketch", "--train", "12", "--eval", "12"]
+    assert main(command) == 0
     assert "wrote" in capsys.readouterr().out
     assert len((tmp_path / "s/eval.jsonl").read_text().splitlines()) == 12
     with pytest.raises(SystemExit):

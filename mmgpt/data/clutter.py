@@ -7,7 +7,7 @@ balanced by answer within each kind, so a model that answers from the prior scor
 looking pays.
 
 Two styles share the questions and differ in everything drawn: `clutter` (filled shapes on pale or textured
-grounds), for tuning a recipe against, and `sketch` (outlines on dark grounds, another palette, more objects),
+grounds), for tuning a recipe against, and `sketch` (outlines on dark or noisy grounds, another palette, more objects),
 kept for checking a recipe on a world it was not tuned on.
 """
 
@@ -172,7 +172,8 @@ def _side(thing: Thing, axis: str) -> str | None:
     return names[value > IMAGE_SIZE / 2]
 
 
-def question(style: Style, things: list[Thing], kind: str, rng: random.Random, yes_share: float) -> tuple[str, str] | None:
+def question(style: Style, things: list[Thing], kind: str, rng: random.Random,
+             yes_share: float) -> tuple[str, str] | None:
     """A (question, answer) of this kind that the scene answers without ambiguity, or None."""
     if kind == "colour":
         unique = [t for t in things if sum(o.shape == t.shape for o in things) == 1]
