@@ -110,10 +110,10 @@ def _ground(style: Style, rng: random.Random) -> Image.Image:
     else:
         tone = tuple(rng.randint(205, 250) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tone)
-    draw = ImageDraw.Draw(image)
     if kind == "stripes":
         other = tuple(max(0, value - rng.randint(20, 45)) for value in tone)
         step = rng.randint(4, 9)
+        draw = ImageDraw.Draw(image)
         for offset in range(-IMAGE_SIZE, IMAGE_SIZE, step * 2):
             draw.polygon([(offset, 0), (offset + step, 0), (offset + step + IMAGE_SIZE, IMAGE_SIZE),
                           (offset + IMAGE_SIZE, IMAGE_SIZE)], fill=other)
