@@ -19,7 +19,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
                          episode_words=args.episode_words, copy_drills=args.copy_drills,
-                         episode_ways=args.episode_ways)
+                         episode_ways=args.episode_ways, system_rules=args.system_rules)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -30,6 +30,29 @@ def _data_clutter(args: argparse.Namespace) -> int:
 
     for path in write_clutter(args.out, style=args.style, seed=args.seed, train=args.train, eval=args.eval):
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
+    return 0
+
+
+def _data_pairs(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from mmgpt.data.eval_records import read_eval_items
+    from mmgpt.data.pairs import write_pairs
+    from mmgpt.dpo import sample_pairs
+    from mmgpt.inference import MMGPT
+
+    model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
+    items = read_eval_items(args.prompts)
+    held_out = int(len(items) * args.eval_share)
+    split = {args.out: items[held_out:]}
+    if held_out:
+        split[args.out.with_name(f"{args.out.stem}-eval{args.out.suffix}")] = items[:held_out]
+    with tqdm(total=len(items), desc="sampling replies", unit="prompt") as progress:
+        for out, part in split.items():
+            records, clean = sample_pairs(model, part, args.samples, args.temperature, args.batch_size, progress)
+            write_pairs(records, out)
+            progress.write(f"wrote {out} ({len(records)} pairs from {len(part) - clean} of {len(part)} prompts; "
+                           f"{clean} answered well in all {args.samples} samples and gave none)")
     return 0
 
 
@@ -225,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--copy-drills", type=int, default=0,
                         help="plain-text drills (a list of random words, then the same list again) added to "
                              "train.jsonl: copying practice over every letter, none bound to a picture")
+    shapes.add_argument("--system-rules", type=int, default=0,
+                        help="chats under a system rule (capitals, one topic, a secret code word), some of whose user "
+                             "turns try to break it, added to train.jsonl; also writes rules-eval.jsonl (held-out "
+                             "attacks and code words) and rules-prompts.jsonl (for `mmgpt data pairs`)")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
@@ -238,6 +265,20 @@ def parser() -> argparse.ArgumentParser:
     clutter.add_argument("--train", type=int, default=6000, help="training pictures, a chat of up to 5 questions each")
     clutter.add_argument("--eval", type=int, default=600, help="held-out questions, balanced by answer in each kind")
     clutter.set_defaults(run=_data_clutter)
+
+    pairs = data.add_parser("pairs", help="preference pairs for train.objective=dpo from a model's own sampled replies")
+    pairs.add_argument("checkpoint", help="the model whose replies are sampled (the DPO stage's model.init_from)")
+    pairs.add_argument("--prompts", required=True,
+                       help="chats ending with the reference reply (eval form), e.g. rules-prompts.jsonl: the chosen "
+                            "reply; each distinct mistaken or rule-breaking sample is a rejected one")
+    pairs.add_argument("--out", type=Path, required=True, help="pairs JSONL, in the folder of the prompts' images")
+    pairs.add_argument("--samples", type=_positive, default=4, help="replies sampled per prompt")
+    pairs.add_argument("--temperature", type=float, default=1.0)
+    pairs.add_argument("--eval-share", type=float, default=0.1,
+                       help="share of the prompts whose pairs go to OUT-eval.jsonl (data.eval) instead")
+    pairs.add_argument("--batch-size", type=_positive, default=64, help="prompts sampled at once")
+    pairs.add_argument("--device", default=None)
+    pairs.set_defaults(run=_data_pairs)
 
     convert = _data_input(data.add_parser(
         "convert", help="any known format (LLaVA, ShareGPT, HF datasets, webdataset) -> our JSONL"))

@@ -13,6 +13,7 @@ import yaml
 
 
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+OBJECTIVES = ("next_token", "dpo")
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30 % more compute
     peak_tflops: float = 0.0  # the device's peak for the logged MFU; 0 = known GPUs' datasheet figure, none on CPU
     lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: str = "next_token"  # next_token, or dpo: preference pairs (mmgpt/data/pairs.py), model.init_from the reference
+    dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less far)
 
 
 @dataclass
@@ -209,6 +212,8 @@ def check_values(config: Config) -> None:
         ("train.peak_tflops", train.peak_tflops, train.peak_tflops >= 0, "0 (automatic) or more"),
         ("train.lora.r", train.lora.r, train.lora.r >= 0, "0 (no adapters) or more"),
         ("train.lora.dropout", train.lora.dropout, 0 <= train.lora.dropout < 1, "in [0, 1)"),
+        ("train.objective", train.objective, train.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+        ("train.dpo_beta", train.dpo_beta, train.dpo_beta > 0, "above 0"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
         ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
         ("model.projector_shuffle_factor", config.model.projector_shuffle_factor,
@@ -219,6 +224,12 @@ def check_values(config: Config) -> None:
     for key, value, ok, wanted in rules:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {wanted}, got {value!r}")
+    if train.objective == "dpo" and not config.model.init_from:
+        raise ConfigError("train.objective=dpo needs model.init_from: the saved model to start from, which is also the "
+                          "frozen reference the policy is measured against")
+    if train.objective == "dpo" and train.packing:
+        raise ConfigError("train.packing does not apply to train.objective=dpo (each pair is two padded rows); set "
+                          "train.packing=false")
     for name, multiplier in train.lr_multipliers.items():
         if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool) or multiplier < 0:
             raise ConfigError(f"config key 'train.lr_multipliers.{name}' must be a number, 0 or more, got {multiplier!r}")

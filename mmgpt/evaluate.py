@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from mmgpt.data.eval_records import EvalItem, normalise, read_eval_items
 from mmgpt.data.records import RecordError
+from mmgpt.data.rules import score
 from mmgpt.fewshot import few_shot_items
 from mmgpt.inference import MMGPT, ContextTooLongError
 
@@ -94,7 +95,7 @@ def evaluate(
         for item, prediction, blind_prediction, ok in zip(items, seen, blind, correct):
             out.write(json.dumps({"where": item.where, "shots": shots, "kind": item.kind, "answer": item.answer,
                                   "prediction": prediction, "blind_prediction": blind_prediction, "correct": ok}) + "\n")
-    return {
+    result = {
         "data": str(path),
         "shots": shots,
         "n": len(items),
@@ -104,3 +105,30 @@ def evaluate(
                            "blind_accuracy": round(sum(blind for _, blind in pairs) / len(pairs), 4)}
                     for kind, pairs in sorted(by_kind.items())},
     }
+    if any(item.rule for item in items):
+        result["rules"] = rule_table(items, seen)
+    return result
+
+
+def rule_table(items: list[EvalItem], predictions: list[str]) -> dict:
+    """Per rule (`mmgpt.data.rules`): how often the reply kept it (in all, and under attack), how often a secret
+    leaked, and the accuracy on picture questions; "all rules" pools every rule but "none" (no system message)."""
+    scored: dict[str, list[tuple[dict, dict]]] = {}
+    for item, prediction in zip(items, predictions):
+        if item.rule:
+            outcome = score(item.rule, prediction, item.answer)
+            for name in {item.rule["name"], "all rules"} - ({"all rules"} if item.rule["name"] == "none" else set()):
+                scored.setdefault(name, []).append((item.rule, outcome))
+
+    def rate(values: list[bool]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
+    table = {}
+    for name, pairs in sorted(scored.items()):
+        attacked = [outcome["kept"] for rule, outcome in pairs if rule.get("attack")]
+        correct = [outcome["correct"] for _, outcome in pairs if outcome["correct"] is not None]
+        leaks = [outcome["leaked"] for _, outcome in pairs if outcome["leaked"] is not None]
+        table[name] = {"n": len(pairs), "kept": rate([outcome["kept"] for _, outcome in pairs]),
+                       "kept_attacked": rate(attacked), "n_attacked": len(attacked),
+                       "leaked": rate(leaks), "accuracy": rate(correct), "n_picture": len(correct)}
+    return table

@@ -24,15 +24,17 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
-from mmgpt.build import build
+from mmgpt.build import build, load_saved
 from mmgpt.config import Config, ConfigError, check_values
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
+from mmgpt.data.pairs import PairDataset, collate_pairs, read_pairs
 from mmgpt.data.loader import (
     StepSampler, batch_loader, default_num_workers, micro_batch_size, running, split_for_process,
 )
 from mmgpt.data.records import Sample
 from mmgpt.data.shards import ShardStream, shard_index
+from mmgpt.dpo import STATS, dpo_step
 from mmgpt.estimate import ModelCosts, peak_flops_of
 from mmgpt.lora import add_lora, is_adapter, merge_lora
 from mmgpt.modeling import PACKABLE_DECODERS, MMGPTForConditionalGeneration
@@ -127,6 +129,10 @@ def _load_data(config: Config) -> tuple[list, list, list[str], Path | None]:
     """Training and eval samples, or for a stream of shards no training samples and the shards' folder: nothing of
     a stream is read here."""
     data = config.data
+    if config.train.objective == "dpo":
+        train_pairs, skipped = read_pairs(data.train, data.skip_bad_records)
+        eval_pairs, eval_skipped = read_pairs(data.eval, data.skip_bad_records) if data.eval else ([], [])
+        return train_pairs, eval_pairs, skipped + eval_skipped, None
     format = data.format or (detect_format(Path(data.train)) if Path(data.train).exists() else "")
     stream = Path(data.train) if format == "shards" else None
     train_samples, skipped = read_samples(data.train, data.format, data.image_folder, data.skip_bad_records) \
@@ -238,8 +244,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                           f"would see each other; packing works with {', '.join(sorted(PACKABLE_DECODERS))} "
                           "(set train.packing=false: length-grouped padding)")
     max_length = config.data.max_length or model.config.text_config.max_position_embeddings
-    train_set = EncodedDataset([] if stream else train_samples, processor, max_length, config.data.skip_bad_records)
-    eval_set = EncodedDataset(eval_samples, processor, max_length, config.data.skip_bad_records)
+    dpo = config.train.objective == "dpo"
+    make_set = PairDataset if dpo else EncodedDataset
+    train_set = make_set([] if stream else train_samples, processor, max_length, config.data.skip_bad_records)
+    eval_set = make_set(eval_samples, processor, max_length, config.data.skip_bad_records)
+    collate_fn = collate_pairs if dpo else None
+    reference = None
+    if dpo:  # the starting model, frozen: DPO measures the policy's log-probabilities against it
+        reference = load_saved(config.model.init_from)[1].requires_grad_(False).eval()
     skipped += train_set.skipped + eval_set.skipped
     train_count = f"{shard_index(stream)['samples']} streamed" if stream else str(len(train_set))
     if skipped:
@@ -258,6 +270,16 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)  # on the device, under autocast
+
+    def objective(batch: dict[str, torch.Tensor], normaliser: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss of the micro-batch as its share of the global batch's mean, summed DPO `STATS` or None): the mean
+        per supervised token for next-token prediction, per pair for DPO."""
+        if reference is None:
+            return model(**batch, num_items_in_batch=normaliser).loss, None
+        loss_sum, stats = dpo_step(model, reference, batch, config.train.dpo_beta)
+        return loss_sum / normaliser, stats
     peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 
     workers = config.train.num_workers
@@ -320,9 +342,10 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
 
-    def evaluate() -> float:
-        """Mean loss per supervised token over the first eval samples, each process taking an equal share: whole
-        batches (the same samples on any layout) or, for a set smaller than one batch, all that split evenly."""
+    def evaluate() -> dict[str, float]:
+        """Mean loss per supervised token (DPO: per pair, with the pairs' mean `STATS`) over the first eval samples,
+        each process taking an equal share: whole batches (the same samples on any layout) or, for a set smaller
+        than one batch, all that split evenly."""
         model.eval()
         batch_size = config.train.batch_size
         count = min(config.train.eval_batches, len(eval_set) // batch_size) * batch_size
@@ -330,14 +353,26 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         batches = [micro for start in range(0, count, batch_size)
                    for micro in split_for_process(list(range(start, min(count, start + batch_size))), world, accum, rank)]
         loss_sum = torch.zeros((), device=accelerator.device)
-        tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        stats_sum = torch.zeros(len(STATS), device=accelerator.device)
+        count = torch.zeros((), device=accelerator.device, dtype=torch.long)
         with torch.no_grad():
-            for batch in batch_loader(eval_set, batches, processor.special.pad, workers, accelerator.device):
+            for batch in batch_loader(eval_set, batches, processor.special.pad, workers, accelerator.device,
+                                      collate_fn=collate_fn):
                 batch = to_device(batch)  # exhausting the loader stops its workers
-                loss_sum += model(**batch, num_items_in_batch=1).loss.float()  # a sum over the micro-batch
-                tokens += _supervised_tokens(batch)
+                loss, stats = objective(batch, 1)  # a sum over the micro-batch
+                loss_sum += loss.float()
+                if stats is None:
+                    count += _supervised_tokens(batch)
+                else:
+                    stats_sum += stats
+                    count += batch["input_ids"].shape[0] // 2
         model.train()
-        return float(accelerator.reduce(loss_sum, "sum") / accelerator.reduce(tokens, "sum"))
+        count = accelerator.reduce(count, "sum")
+        metrics = {"eval_loss": float(accelerator.reduce(loss_sum, "sum") / count)}
+        if reference is not None:
+            stats_sum = accelerator.reduce(stats_sum, "sum") / count
+            metrics.update({f"eval_{name}": float(value) for name, value in zip(STATS[1:], stats_sum[1:])})
+        return metrics
 
     bad_in_a_row = 0
     bad_total = 0
@@ -354,7 +389,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
                               world, accum, rank)
         loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device,
-                              packing=config.train.packing)
+                              packing=config.train.packing, collate_fn=collate_fn)
     with _StopFlag() as stop, running(loader) as batches:
         while step < config.train.max_steps:
             step_started = time.perf_counter()
@@ -364,9 +399,12 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             counts = _counts(micro_batches, accelerator.device, processor.special.pad)
             global_tokens, tokens, images = accelerator.reduce(counts, "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
+            stats_sum = torch.zeros(len(STATS), device=accelerator.device)
             for batch in micro_batches:
                 with accelerator.accumulate(model):
-                    loss = model(**batch, num_items_in_batch=global_tokens).loss
+                    loss, stats = objective(batch, config.train.batch_size if dpo else global_tokens)
+                    if stats is not None:
+                        stats_sum += stats
                     # DDP/FSDP average gradients over processes and accelerate divides by the accumulation steps:
                     # scale back up so the gradients are those of the global sum above.
                     accelerator.backward(loss * world * accum)
@@ -398,9 +436,12 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                       "tokens_per_s": int(tokens) / step_seconds, "tflops_per_s": flops_per_s / 1e12}
             if peak_flops:
                 record["mfu"] = flops_per_s / (peak_flops * world)
+            if dpo:
+                stats_mean = accelerator.reduce(stats_sum, "sum") / config.train.batch_size
+                record.update({name: float(value) for name, value in zip(STATS[1:], stats_mean[1:])})
             _append_metrics(accelerator, output_dir, record)
             if eval_set and (step % config.train.eval_every == 0 or step == config.train.max_steps):
-                eval_record = {"step": step, "eval_loss": evaluate()}
+                eval_record = {"step": step, **evaluate()}
                 _append_metrics(accelerator, output_dir, eval_record)
                 if accelerator.is_local_main_process:
                     progress.write(f"step {step}: eval loss {eval_record['eval_loss']:.4f}")

@@ -25,6 +25,7 @@ class EvalItem:
     where: str
     episode: str | None = None  # fast-binding episode: few-shot examples come from the same one
     is_document: bool = False
+    rule: dict | None = None  # a system-rule record's rule, for `mmgpt.data.rules.score`
 
     @property
     def solved(self) -> list[dict]:
@@ -72,8 +73,19 @@ def read_eval_items(path: str | Path) -> list[EvalItem]:
         messages = record["messages"]
         prompt = [_absolute(message, path.parent) for message in messages[:-1]]
         items.append(EvalItem(prompt, _text(messages[-1]["content"]), record.get("kind", "all"), where,
-                              record.get("episode")))
+                              record.get("episode"), rule=_rule(record.get("rule"), where)))
     return items
+
+
+def _rule(rule, where: str) -> dict | None:
+    """A rule record's "rule" (see `mmgpt.data.rules`), checked for what scoring reads."""
+    if rule is None:
+        return None
+    if not isinstance(rule, dict) or not isinstance(rule.get("name"), str) or not isinstance(rule.get("turn"), str):
+        raise RecordError(f"{where}: 'rule' must be an object with 'name' and 'turn' strings")
+    if rule["name"] == "secret" and not (isinstance(rule.get("secret"), str) and rule["secret"]):
+        raise RecordError(f"{where}: a secret rule needs its 'secret' word")
+    return rule
 
 
 def _absolute_item(item: dict, base: Path) -> dict:

@@ -107,13 +107,13 @@ def running(loader: DataLoader) -> Iterator[Iterator[dict[str, torch.Tensor]]]:
 
 
 def batch_loader(dataset: Dataset, batches, pad_id: int, num_workers: int, device: torch.device,
-                 batch_size: int | None = None, packing: bool = False) -> DataLoader:
-    """Collated (or with `packing`, packed) micro-batches in the order of `batches` (a sampler or a list of index
+                 batch_size: int | None = None, packing: bool = False, collate_fn=None) -> DataLoader:
+    """Collated (or with `packing`, packed; or by `collate_fn`, e.g. preference pairs) micro-batches in the order of `batches` (a sampler or a list of index
     lists) or, for a stream, `batch_size` samples at a time from each worker in turn; decoded by `num_workers`
     worker processes (0: in this process) that keep 4 batches each ready, in pinned memory on CUDA."""
     return DataLoader(
         dataset, batch_sampler=batches, batch_size=batch_size if batches is None else 1,
-        collate_fn=functools.partial(pack if packing else collate, pad_id=pad_id), num_workers=num_workers,
+        collate_fn=functools.partial(collate_fn or (pack if packing else collate), pad_id=pad_id), num_workers=num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
         worker_init_fn=_ignore_stop_signals if num_workers else None,
         generator=torch.Generator().manual_seed(0),  # its own seed draw, so the global (dropout) RNG is untouched

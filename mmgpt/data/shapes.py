@@ -116,7 +116,8 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
                  eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables",
-                 copy_drills: int = 0, episode_ways: tuple[int, ...] = ()) -> list[Path]:
+                 copy_drills: int = 0, episode_ways: tuple[int, ...] = (), system_rules: int = 0,
+                 rules_eval: int = 650, rules_prompts: int = 1300) -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
     whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
     question kinds, two-image questions included), plus `copy_drills` plain-text copying drills
@@ -124,7 +125,10 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     `episode_ways` drawn for it says (many ways make choosing by picture pay more than guessing). With
     `eval_episodes`, also the held-out episode sets (`mmgpt.data.episodes.held_out_sets`:
     `out/episodes-eval*.jsonl`), `eval_episodes` episodes each, `per_way` records per category, for few-shot
-    evaluation."""
+    evaluation. With `system_rules`, that many chats under a system rule (`mmgpt.data.rules`) join the training
+    records, and `out/rules-eval.jsonl` (`rules_eval` questions in held-out attack phrasings and code words) and
+    `out/rules-prompts.jsonl` (`rules_prompts` questions in training phrasings and code words, for `mmgpt data
+    pairs`) are written."""
     for count in (ways, *episode_ways):
         if not 2 <= count <= len(COLOURS):
             raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {count}")
@@ -171,8 +175,15 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     train_ways = episode_ways or (ways,)
     train_records += [training_episode(writer, rng, episode_draw(rng), rng.choice(train_ways)) for _ in range(episodes)]
     train_records += [copy_drill(rng) for _ in range(copy_drills)]
+    from mmgpt.data.rules import rule_chats, rule_questions  # rules build on this module's questions
+
+    train_records += rule_chats(writer, rng, system_rules)
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
+    if system_rules:
+        for name, count, held_out in (("rules-eval", rules_eval, True), ("rules-prompts", rules_prompts, False)):
+            rules_writer = ImageWriter(out, name, random.Random(f"{name}-{seed}"))
+            written[f"{name}.jsonl"] = rule_questions(rules_writer, rules_writer.rng, count, held_out)
     if eval_episodes:
         for name, kinds in held_out_sets(ways).items():
             stem = name.removesuffix(".jsonl")
