@@ -22,6 +22,7 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
 from mmgpt import MMGPT, ContextTooLongError, ImageError, load_image
+from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
 from mmgpt.images import ImageTransform
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context
@@ -169,7 +170,8 @@ def responder(model: MMGPT):
                 messages.append({"role": role, "content": items})
         return messages
 
-    def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+    def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int,
+                system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Iterator[str]:
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
         if not text and not files:
@@ -192,7 +194,8 @@ def responder(model: MMGPT):
                 yield NOTICE + (f"Could not read {Path(path).name} as an image (only {IMAGE_KINDS}). Please attach "
                                 "another image. (This message was not sent to the model.)")
                 return
-        messages = to_messages(earlier)
+        system = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
+        messages = system + to_messages(earlier)
         if not text:
             yield IMAGE_RECEIVED
             return
@@ -281,12 +284,20 @@ class UploadGate:
 
 def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
     examples = [
-        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16],
-        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16],
-        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16],
+        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16,
+         DEFAULT_SYSTEM_PROMPT],
+        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16,
+         DEFAULT_SYSTEM_PROMPT],
+        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16,
+         DEFAULT_SYSTEM_PROMPT],
     ]
     with gr.Blocks(title="mmgpt", delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"## mmgpt\nImage-grounded chat. Checkpoint loaded: `{checkpoint}`")
+        with gr.Accordion("system prompt", open=False):
+            system_prompt = gr.Textbox(
+                DEFAULT_SYSTEM_PROMPT, lines=2, label="system prompt",
+                info="Sent first in every chat (empty: none). A model trained with system rules follows it over the "
+                     "user's words: learnt behaviour, not a security boundary.")
         gr.ChatInterface(
             responder(model),
             multimodal=True,
@@ -297,6 +308,7 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
                 gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False),
                 gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", render=False),
                 gr.Slider(1, 128, value=32, step=1, label="max new tokens", render=False),
+                system_prompt,
             ],
             additional_inputs_accordion="generation settings",
             examples=examples,

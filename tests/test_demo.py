@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from mmgpt import MMGPT
+from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
 from mmgpt.train import train
 
 from conftest import tiny_config
@@ -48,6 +49,7 @@ def served(shapes_dir, tmp_path_factory):
     image = sorted((folder / "images").glob("train*.png"))[0]
     Image.open(image).save(folder / "demo_picture.png")
     chat = {"messages": [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
         {"role": "user", "content": [{"type": "image", "image": "demo_picture.png"}, {"type": "text", "text": QUESTIONS[0][0]}]},
         {"role": "assistant", "content": QUESTIONS[0][1]},
         {"role": "user", "content": QUESTIONS[1][0]},
@@ -107,6 +109,11 @@ def test_chat_in_a_real_browser(served, tmp_path):
         expect(bot).to_have_count(2, timeout=60_000)
         expect(bot.nth(1)).to_contain_text(QUESTIONS[1][1], timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "demo-chat.png"), full_page=True)
+        page.get_by_text("system prompt").first.click()  # the collapsed field opens, holding the default
+        system_box = page.get_by_label("system prompt")
+        expect(system_box).to_have_value(DEFAULT_SYSTEM_PROMPT, timeout=30_000)
+        system_box.fill("Answer in capitals.")
+        expect(system_box).to_have_value("Answer in capitals.")
 
         page.locator('input[type="file"]').first.set_input_files([str(not_an_image)])  # refused before it is stored
         expect(page.get_by_text("Only images (PNG, JPEG, GIF, WebP or BMP) can be uploaded")).to_be_visible(timeout=30_000)
@@ -127,7 +134,7 @@ def test_eight_concurrent_api_requests_are_all_answered(served):
     def ask(index: int) -> str:
         client = Client(served["url"], verbose=False)  # one client per user: each has its own conversation
         message = {"text": QUESTIONS[0][0], "files": [handle_file(str(served["image"]))]}
-        return client.predict(message, 0.0, 1.0, 8, api_name="/chat")
+        return client.predict(message, 0.0, 1.0, 8, DEFAULT_SYSTEM_PROMPT, api_name="/chat")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(ask, range(8)))
@@ -164,6 +171,17 @@ def respond(tiny):
 
 def last(replies) -> str:
     return list(replies)[-1]
+
+
+def test_the_system_prompt_goes_first_and_an_empty_one_is_left_out(respond, tmp_path, monkeypatch):
+    seen = []
+    original = MMGPT.prompt
+    monkeypatch.setattr(MMGPT, "prompt", lambda self, messages, *a, **k: seen.append(messages) or original(self, messages, *a, **k))
+    question = {"text": "What colour is the circle?", "files": []}
+    last(respond(question, [], 0.0, 1.0, 4, "Answer in capitals."))
+    last(respond(question, [], 0.0, 1.0, 4, "  "))
+    assert seen[0][0] == {"role": "system", "content": "Answer in capitals."} and seen[0][1]["role"] == "user"
+    assert [m["role"] for m in seen[1]] == ["user"]
 
 
 def test_bad_inputs_get_a_message_and_the_next_message_works(respond, tmp_path):
