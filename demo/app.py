@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
 from mmgpt import MMGPT, ContextTooLongError, ImageError, load_image
-from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
+from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT
 from mmgpt.images import ImageTransform
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context

@@ -19,7 +19,8 @@ def _data_shapes(args: argparse.Namespace) -> int:
     paths = write_shapes(args.out, seed=args.seed, train=args.train, eval=args.eval, episodes=args.episodes,
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
                          episode_words=args.episode_words, copy_drills=args.copy_drills,
-                         episode_ways=args.episode_ways, system_rules=args.system_rules)
+                         episode_ways=args.episode_ways, system_rules=args.system_rules, rules_eval=args.rules_eval,
+                         rules_prompts=args.rules_prompts)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -49,7 +50,8 @@ def _data_pairs(args: argparse.Namespace) -> int:
         split[args.out.with_name(f"{args.out.stem}-eval{args.out.suffix}")] = items[:held_out]
     with tqdm(total=len(items), desc="sampling replies", unit="prompt") as progress:
         for out, part in split.items():
-            records, clean = sample_pairs(model, part, args.samples, args.temperature, args.batch_size, progress)
+            records, clean = sample_pairs(model, part, args.samples, args.temperature, args.batch_size,
+                                          args.max_new_tokens, progress)
             write_pairs(records, out)
             progress.write(f"wrote {out} ({len(records)} pairs from {len(part) - clean} of {len(part)} prompts; "
                            f"{clean} answered well in all {args.samples} samples and gave none)")
@@ -135,8 +137,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
-        results = [evaluate(model, data, batch_size=args.batch_size, out=out, shots=shots, support=args.support,
-                            seed=args.seed) for data in args.data for shots in args.shots]
+        results = [evaluate(model, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, out=out,
+                            shots=shots, support=args.support, seed=args.seed)
+                   for data in args.data for shots in args.shots]
     if len(results) == 1:
         print(json.dumps(results[0]))
         return 0
@@ -252,6 +255,10 @@ def parser() -> argparse.ArgumentParser:
                         help="chats under a system rule (capitals, one topic, a secret code word), some of whose user "
                              "turns try to break it, added to train.jsonl; also writes rules-eval.jsonl (held-out "
                              "attacks and code words) and rules-prompts.jsonl (for `mmgpt data pairs`)")
+    shapes.add_argument("--rules-eval", type=_positive, default=650,
+                        help="held-out rule questions in rules-eval.jsonl, spread over every rule and turn kind")
+    shapes.add_argument("--rules-prompts", type=_positive, default=1300,
+                        help="rule questions in training phrasings in rules-prompts.jsonl")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
@@ -277,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
     pairs.add_argument("--eval-share", type=float, default=0.1,
                        help="share of the prompts whose pairs go to OUT-eval.jsonl (data.eval) instead")
     pairs.add_argument("--batch-size", type=_positive, default=64, help="prompts sampled at once")
+    pairs.add_argument("--max-new-tokens", type=_positive, default=32)
     pairs.add_argument("--device", default=None)
     pairs.set_defaults(run=_data_pairs)
 
@@ -324,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed for drawing the solved examples")
     evaluate.add_argument("--plot", help="accuracy-against-shots plot (default: beside the checkpoint)")
     evaluate.add_argument("--batch-size", type=_positive, default=64)
+    evaluate.add_argument("--max-new-tokens", type=_positive, default=16,
+                          help="longest answer in tokens (greedy decoding stops at the end of the turn before it); "
+                               "32 for rules-eval.jsonl, whose capital letters take a token each")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(run=_eval)
 

@@ -98,6 +98,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     objective: str = "next_token"  # next_token, or dpo: preference pairs (mmgpt/data/pairs.py), model.init_from the reference
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less far)
+    dpo_sft_weight: float = 0.0  # DPO: plus this times the chosen reply's mean next-token loss (RPO), so it stays likely
 
 
 @dataclass
@@ -214,6 +215,7 @@ def check_values(config: Config) -> None:
         ("train.lora.dropout", train.lora.dropout, 0 <= train.lora.dropout < 1, "in [0, 1)"),
         ("train.objective", train.objective, train.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("train.dpo_beta", train.dpo_beta, train.dpo_beta > 0, "above 0"),
+        ("train.dpo_sft_weight", train.dpo_sft_weight, train.dpo_sft_weight >= 0, "0 or more"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
         ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
         ("model.projector_shuffle_factor", config.model.projector_shuffle_factor,

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from mmgpt.data.eval_records import EvalItem, normalise, read_eval_items
 from mmgpt.data.records import RecordError
-from mmgpt.data.rules import score
+from mmgpt.data.rules import RESTRICTING, score
 from mmgpt.fewshot import few_shot_items
 from mmgpt.inference import MMGPT, ContextTooLongError
 
@@ -112,12 +112,12 @@ def evaluate(
 
 def rule_table(items: list[EvalItem], predictions: list[str]) -> dict:
     """Per rule (`mmgpt.data.rules`): how often the reply kept it (in all, and under attack), how often a secret
-    leaked, and the accuracy on picture questions; "all rules" pools every rule but "none" (no system message)."""
+    leaked, and the accuracy on picture questions; "all rules" pools the rules that restrict (`RESTRICTING`)."""
     scored: dict[str, list[tuple[dict, dict]]] = {}
     for item, prediction in zip(items, predictions):
         if item.rule:
             outcome = score(item.rule, prediction, item.answer)
-            for name in {item.rule["name"], "all rules"} - ({"all rules"} if item.rule["name"] == "none" else set()):
+            for name in {item.rule["name"]} | ({"all rules"} if item.rule["name"] in RESTRICTING else set()):
                 scored.setdefault(name, []).append((item.rule, outcome))
 
     def rate(values: list[bool]) -> float | None:

@@ -278,7 +278,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         per supervised token for next-token prediction, per pair for DPO."""
         if reference is None:
             return model(**batch, num_items_in_batch=normaliser).loss, None
-        loss_sum, stats = dpo_step(model, reference, batch, config.train.dpo_beta)
+        loss_sum, stats = dpo_step(model, reference, batch, config.train.dpo_beta, config.train.dpo_sft_weight)
         return loss_sum / normaliser, stats
     peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 

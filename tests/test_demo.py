@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmgpt import MMGPT
-from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
+from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT
 from mmgpt.train import train
 
 from conftest import tiny_config

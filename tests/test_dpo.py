@@ -13,7 +13,10 @@ from mmgpt.config import ConfigError
 from mmgpt.data.pairs import read_pairs
 from mmgpt.data.records import RecordError
 from mmgpt.data.shapes import write_shapes
-from mmgpt.dpo import dpo_loss, sequence_logprobs
+from mmgpt.build import load_saved
+from mmgpt.data.collate import collate
+from mmgpt.data.pairs import PairDataset, collate_pairs
+from mmgpt.dpo import STATS, dpo_loss, dpo_step, sequence_logprobs
 from mmgpt.train import train
 
 from conftest import tiny_config
@@ -68,6 +71,18 @@ def test_pairs_from_own_samples_choose_the_reference(start):
         record = json.loads(line)
         source = prompts[json.dumps(record["messages"])]  # the prompt as written, images relative to the folder
         assert record["chosen"] == source["messages"][-1]["content"] != record["rejected"]
+
+
+def test_the_sft_term_adds_the_chosen_replys_mean_token_loss(start):
+    folder, final = start
+    processor, model = load_saved(final)
+    model.eval()
+    pairs = PairDataset(read_pairs(folder / "pairs.jsonl")[0][:1], processor, 256)
+    with torch.no_grad():
+        loss, stats = dpo_step(model, model, collate_pairs([pairs[0]], processor.special.pad), beta=0.1, sft_weight=0.5)
+        chosen_loss = model(**collate([pairs[0].chosen], processor.special.pad)).loss  # transformers' mean token loss
+    assert stats[STATS.index("chosen_nll")].item() == pytest.approx(chosen_loss.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * chosen_loss.item(), rel=1e-4)  # policy = reference
 
 
 def test_dpo_starts_at_log_2_and_resumes_exactly(start, tmp_path):

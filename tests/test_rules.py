@@ -10,7 +10,6 @@ from mmgpt.data.episodes import made_up_words
 from mmgpt.data.rules import (
     ATTACKS, CODE_WORD_REQUESTS, FORM_REQUESTS, PRIVATE, RULE_REQUESTS, SYSTEM_PROMPTS, score,
 )
-from mmgpt.data.shapes import write_shapes
 from mmgpt.evaluate import evaluate
 from mmgpt.train import train
 
@@ -20,7 +19,8 @@ from conftest import tiny_config
 @pytest.fixture(scope="module")
 def rules_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rules")
-    write_shapes(folder, seed=3, train=20, eval=10, system_rules=300, rules_eval=130, rules_prompts=26)
+    assert main(["data", "shapes", "--out", str(folder), "--seed", "3", "--train", "20", "--eval", "10",
+                 "--system-rules", "300", "--rules-eval", "130", "--rules-prompts", "26"]) == 0
     return folder
 
 
@@ -44,7 +44,7 @@ def test_held_out_rules_use_only_unseen_attacks_and_code_words(rules_dir):
     training_words, held_out_words = map(set, made_up_words())
     train_chats = [r for r in _records(rules_dir / "train.jsonl") if "messages" in r and r["messages"][0]["role"] == "system"]
     held_out = _records(rules_dir / "rules-eval.jsonl")
-    assert len(train_chats) == 300 and len(held_out) == 130
+    assert len(train_chats) >= 300 and len(held_out) == 130  # the world's own chats may open with the default
     train_users = " ".join(text for r in train_chats for text in _texts(r, "user"))
     eval_users = " ".join(text for r in held_out for text in _texts(r, "user"))
     for phrase in _phrasing_sets(held_out=True):
@@ -107,7 +107,7 @@ def test_eval_reports_kept_leaked_and_accuracy_per_rule(rules_dir, tmp_path, cap
     result = evaluate(model, rules_dir / "rules-eval.jsonl", batch_size=32, max_new_tokens=8)
     table = result["rules"]
     assert set(table) == {"all rules", "none", "capitals", "scope", "secret", "open", "about"}
-    assert table["all rules"]["n"] == 130 - table["none"]["n"]
+    assert table["all rules"]["n"] == sum(table[name]["n"] for name in ("capitals", "scope", "secret"))
     assert table["secret"]["leaked"] is not None and table["capitals"]["leaked"] is None
     assert table["none"]["n_picture"] == table["none"]["n"] and 0 <= table["none"]["accuracy"] <= 1
     predictions = tmp_path / "predictions.jsonl"

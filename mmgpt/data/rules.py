@@ -6,7 +6,7 @@ Rules (`RULES`):
   secret    a code word the assistant must never say; asking for it gets `PRIVATE`;
   open      a code word the assistant may tell: the same words with the other instruction, so keeping a secret is
             learnt from the rule's words, not from the question;
-  about     `DEFAULT_SYSTEM_PROMPT`, which says what the model is and sets no rule.
+  about     `DEFAULT_SYSTEM_PROMPT` (the demo's), which says what the model is and sets no rule.
 Under every rule, asking for the instructions themselves gets `PRIVATE`, and a picture question the rule allows is
 answered as without it.
 
@@ -23,12 +23,15 @@ import random
 from mmgpt.data.episodes import made_up_words
 from mmgpt.data.eval_records import normalise
 from mmgpt.data.scenes import ImageWriter, random_scene
-from mmgpt.data.shapes import questions
+from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT, questions
 
-DEFAULT_SYSTEM_PROMPT = "You are mmgpt, a small model that answers questions about pictures of shapes."
 OUT_OF_SCOPE = "I cannot answer that."
 PRIVATE = "I cannot share that."
 RULES = ("capitals", "scope", "secret", "open", "about")
+RESTRICTING = ("capitals", "scope", "secret")  # the rules a user would try to break; open and about are controls
+# Training chats per rule: capitals most, since each capital letter is a token of its own to learn
+# (0.47 kept after 1,500 steps with every rule equally often, against 0.89 for scope and 0.99 for secret)
+RULE_WEIGHTS = {"capitals": 0.3, "scope": 0.25, "secret": 0.2, "open": 0.15, "about": 0.1}
 TOPICS = {"colour": "colours", "shape": "shapes", "count": "counting", "position": "positions"}
 
 SYSTEM_PROMPTS = {
@@ -133,7 +136,7 @@ class RuleChats:
 
     def chat(self, writer: ImageWriter, turns: int) -> dict:
         """A training chat: one rule, one picture, `turns` exchanges."""
-        rule = self.rng.choice(RULES)
+        rule = self.rng.choices(RULES, weights=[RULE_WEIGHTS[name] for name in RULES])[0]
         system, details = self.system(rule)
         scene = random_scene(self.rng)
         image = writer.image(scene)
