@@ -22,7 +22,6 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
 from mmgpt import MMGPT, ContextTooLongError, ImageError, load_image
-from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT
 from mmgpt.images import ImageTransform
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context
@@ -171,7 +170,7 @@ def responder(model: MMGPT):
         return messages
 
     def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int,
-                system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Iterator[str]:
+                system_prompt: str = model.processor.system_prompt) -> Iterator[str]:
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
         if not text and not files:
@@ -283,21 +282,20 @@ class UploadGate:
 
 
 def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
+    system = model.processor.system_prompt
     examples = [
-        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16,
-         DEFAULT_SYSTEM_PROMPT],
-        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16,
-         DEFAULT_SYSTEM_PROMPT],
-        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16,
-         DEFAULT_SYSTEM_PROMPT],
+        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16, system],
+        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16, system],
+        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16, system],
     ]
     with gr.Blocks(title="mmgpt", delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"## mmgpt\nImage-grounded chat. Checkpoint loaded: `{checkpoint}`")
         with gr.Accordion("system prompt", open=False):
             system_prompt = gr.Textbox(
-                DEFAULT_SYSTEM_PROMPT, lines=2, label="system prompt",
-                info="Sent first in every chat (empty: none). A model trained with system rules follows it over the "
-                     "user's words: learnt behaviour, not a security boundary.")
+                system, lines=2, label="system prompt", placeholder="none (this model was trained without one)",
+                info="Sent first in every chat; the default is the one the model was trained under (empty: none). "
+                     "A model trained with system rules follows it over the user's words: learnt behaviour, not a "
+                     "security boundary.")
         gr.ChatInterface(
             responder(model),
             multimodal=True,

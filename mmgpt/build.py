@@ -41,6 +41,8 @@ def build(
     else:
         processor, model = _new(config, training_texts)
     model.generation_config = generation_config(processor.special)
+    if config.system_prompt:
+        processor.system_prompt = config.system_prompt
     return processor, model
 
 

@@ -58,6 +58,7 @@ class ModelConfig:
     projector_grid_embedding: bool = False  # true: a learnt row and column embedding added to each image token
     projector_norm: bool = False  # true: a LayerNorm ends the MLP (before the grid embedding), so neither drowns
     init_from: str = ""  # start from a saved model folder (e.g. a previous stage's OUTPUT/final)
+    system_prompt: str = ""  # saved with the model as the system prompt it was trained under (the demo's default); "" = keep
 
 
 @dataclass

@@ -43,10 +43,12 @@ class Encoded:
 class MMGPTProcessor:
     """Tokenizer + image transform + chat layout; saved beside the model so inference sees what training saw."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, transform: ImageTransform, num_image_tokens: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, transform: ImageTransform, num_image_tokens: int,
+                 system_prompt: str = ""):
         self.tokenizer = tokenizer
         self.transform = transform
         self.num_image_tokens = num_image_tokens
+        self.system_prompt = system_prompt  # the one the model was trained under (`model.system_prompt`); "" = none
         self.special = SpecialTokens.from_tokenizer(tokenizer)
 
     def encode_text(self, text: str) -> list[int]:
@@ -132,6 +134,7 @@ class MMGPTProcessor:
             "image_std": list(self.transform.std),
             "interpolation": self.transform.interpolation,
             "num_image_tokens": self.num_image_tokens,
+            "system_prompt": self.system_prompt,
         }
         (folder / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
         from mmgpt.transformers_processor import transformers_processor
@@ -151,6 +154,7 @@ class MMGPTProcessor:
                 interpolation=InterpolationMode(settings["interpolation"]).value,
             )
             num_image_tokens = settings["num_image_tokens"]
+            system_prompt = settings.get("system_prompt", "")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} not found: is {folder} a folder saved by mmgpt?") from None
         except json.JSONDecodeError as error:
@@ -161,4 +165,6 @@ class MMGPTProcessor:
             raise ValueError(f"{path}: a field has the wrong form ({error})") from None
         if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens < 1:
             raise ValueError(f"{path}: num_image_tokens must be a whole number of at least 1, got {num_image_tokens!r}")
-        return cls(AutoTokenizer.from_pretrained(folder), transform, num_image_tokens)
+        if not isinstance(system_prompt, str):
+            raise ValueError(f"{path}: system_prompt must be a string, got {system_prompt!r}")
+        return cls(AutoTokenizer.from_pretrained(folder), transform, num_image_tokens, system_prompt)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from mmgpt import MMGPT
-from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT
+from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
 from mmgpt.train import train
 
 from conftest import tiny_config
@@ -58,8 +58,10 @@ def served(shapes_dir, tmp_path_factory):
     data.write_text((json.dumps(chat) + "\n") * 4)
     run = tmp_path_factory.mktemp("demo-run")
     config = tiny_config(folder, run, f"data.train={data}", "data.eval=", "train.max_steps=120", "train.lr=5e-3",
-                         "train.min_lr_ratio=1.0", "train.warmup_steps=5", "train.save_every=1000")
+                         "train.min_lr_ratio=1.0", "train.warmup_steps=5", "train.save_every=1000",
+                         f"model.system_prompt={DEFAULT_SYSTEM_PROMPT}")
     final = train(config).final_dir
+    assert MMGPT.from_pretrained(final, device="cpu").processor.system_prompt == DEFAULT_SYSTEM_PROMPT  # saved with it
     module = load_app_module()
     port = free_port()
     app = module.launch(MMGPT.from_pretrained(final, device="cpu"), str(final), port=port, block=False)
@@ -109,7 +111,7 @@ def test_chat_in_a_real_browser(served, tmp_path):
         expect(bot).to_have_count(2, timeout=60_000)
         expect(bot.nth(1)).to_contain_text(QUESTIONS[1][1], timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "demo-chat.png"), full_page=True)
-        page.get_by_text("system prompt").first.click()  # the collapsed field opens, holding the default
+        page.get_by_text("system prompt").first.click()  # the collapsed field opens, holding the model's own
         system_box = page.get_by_label("system prompt")
         expect(system_box).to_have_value(DEFAULT_SYSTEM_PROMPT, timeout=30_000)
         system_box.fill("Answer in capitals.")
@@ -180,8 +182,9 @@ def test_the_system_prompt_goes_first_and_an_empty_one_is_left_out(respond, tmp_
     question = {"text": "What colour is the circle?", "files": []}
     last(respond(question, [], 0.0, 1.0, 4, "Answer in capitals."))
     last(respond(question, [], 0.0, 1.0, 4, "  "))
+    last(respond(question, [], 0.0, 1.0, 4))  # the model's own, none here: it was trained without one
     assert seen[0][0] == {"role": "system", "content": "Answer in capitals."} and seen[0][1]["role"] == "user"
-    assert [m["role"] for m in seen[1]] == ["user"]
+    assert [m["role"] for m in seen[1]] == [m["role"] for m in seen[2]] == ["user"]
 
 
 def test_bad_inputs_get_a_message_and_the_next_message_works(respond, tmp_path):

@@ -44,7 +44,7 @@ def test_held_out_rules_use_only_unseen_attacks_and_code_words(rules_dir):
     training_words, held_out_words = map(set, made_up_words())
     train_chats = [r for r in _records(rules_dir / "train.jsonl") if "messages" in r and r["messages"][0]["role"] == "system"]
     held_out = _records(rules_dir / "rules-eval.jsonl")
-    assert len(train_chats) >= 300 and len(held_out) == 130  # the world's own chats may open with the default
+    assert len(train_chats) == 300 and len(held_out) == 130
     train_users = " ".join(text for r in train_chats for text in _texts(r, "user"))
     eval_users = " ".join(text for r in held_out for text in _texts(r, "user"))
     for phrase in _phrasing_sets(held_out=True):

@@ -23,8 +23,9 @@ import random
 from mmgpt.data.episodes import made_up_words
 from mmgpt.data.eval_records import normalise
 from mmgpt.data.scenes import ImageWriter, random_scene
-from mmgpt.data.shapes import DEFAULT_SYSTEM_PROMPT, questions
+from mmgpt.data.shapes import questions
 
+DEFAULT_SYSTEM_PROMPT = "You are mmgpt, a small model that answers questions about pictures of shapes."
 OUT_OF_SCOPE = "I cannot answer that."
 PRIVATE = "I cannot share that."
 RULES = ("capitals", "scope", "secret", "open", "about")

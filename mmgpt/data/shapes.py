@@ -15,9 +15,6 @@ from mmgpt.data.episodes import copy_drill, held_out_episodes, held_out_sets, tr
 from mmgpt.data.scenes import COLOURS, QUADRANTS, SHAPES, ImageWriter, Shape, random_scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
-DEFAULT_SYSTEM_PROMPT = "You are mmgpt, a small model that answers questions about pictures of shapes."
-SYSTEM_SHARE = 0.2  # question chats that open with DEFAULT_SYSTEM_PROMPT, so a model never taught rules still
-# answers as well under it: the demo sends it (without: accuracy 0.44 under it against 0.96 with no system message)
 
 
 def caption(scene: list[Shape]) -> str:
@@ -81,12 +78,12 @@ def pair_question(rng: random.Random, kind: str | None = None) -> tuple[list[lis
     return [first, second], "Are the two shapes the same colour?", "yes" if same else "no"
 
 
-def _vqa_chat(writer: ImageWriter, rng: random.Random, max_questions: int, system: bool = False) -> dict:
+def _vqa_chat(writer: ImageWriter, rng: random.Random, max_questions: int) -> dict:
     scene = random_scene(rng)
     image = writer.image(scene)
     asked = questions(scene, rng)
     rng.shuffle(asked)
-    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] if system else []
+    messages = []
     for index, (_, question, answer) in enumerate(asked[:max_questions]):
         content = [{"type": "image", "image": image}] if index == 0 else []
         messages.append({"role": "user", "content": content + [{"type": "text", "text": question}]})
@@ -138,13 +135,12 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    system_rng = random.Random(f"system-{seed}")  # its own draws: the world's pictures and questions stay the same
     writer = ImageWriter(out, "train", rng)
     train_records = []
     for _ in range(train):
         roll = rng.random()
         if roll < 0.45:
-            train_records.append(_vqa_chat(writer, rng, max_questions=5, system=system_rng.random() < SYSTEM_SHARE))
+            train_records.append(_vqa_chat(writer, rng, max_questions=5))
         elif roll < 0.55:
             train_records.append(_pair_chat(writer, rng))
         elif roll < 0.9:
