@@ -165,7 +165,9 @@ def _chat(args: argparse.Namespace) -> int:
 
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
     content = [{"type": "image", "image": image} for image in args.image] + [{"type": "text", "text": args.question}]
-    for piece in model.chat([{"role": "user", "content": content}], max_new_tokens=args.max_new_tokens, stream=True):
+    system = model.processor.system_prompt if args.system is None else args.system
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + [{"role": "user", "content": content}]
+    for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, stream=True):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -343,6 +345,8 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("question")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     chat.add_argument("--max-new-tokens", type=_positive, default=64)
+    chat.add_argument("--system", help="system prompt (default: the one the model was trained under, if any; "
+                                       "'' for none)")
     chat.add_argument("--device", default=None)
     chat.set_defaults(run=_chat)
 

@@ -115,3 +115,17 @@ def test_eval_reports_kept_leaked_and_accuracy_per_rule(rules_dir, tmp_path, cap
                  "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["rules"]["secret"]["n"] == table["secret"]["n"]
+
+
+def test_chat_sends_the_system_prompt_it_is_given_or_the_models_own(rules_dir, tmp_path, monkeypatch):
+    own = "You answer about shapes."
+    final = train(tiny_config(rules_dir, tmp_path / "run", "train.max_steps=1", f"model.system_prompt={own}")).final_dir
+    seen = []
+    original = MMGPT.prompt
+    monkeypatch.setattr(MMGPT, "prompt", lambda self, messages, *a, **k: seen.append(messages) or original(self, messages, *a, **k))
+    image = str(sorted((rules_dir / "images").glob("rules-eval*.png"))[0])
+    for system in (["--system", "Answer in capitals."], [], ["--system", ""]):
+        assert main(["chat", str(final), "--image", image, "What colour is the circle?", "--max-new-tokens", "2",
+                     "--device", "cpu", *system]) == 0
+    assert [messages[0]["content"] if messages[0]["role"] == "system" else None for messages in seen] == [
+        "Answer in capitals.", own, None]
