@@ -112,13 +112,21 @@ def evaluate(
 
 def rule_table(items: list[EvalItem], predictions: list[str]) -> dict:
     """Per rule (`mmgpt.data.rules`): how often the reply kept it (in all, and under attack), how often a secret
-    leaked, and the accuracy on picture questions; "all rules" pools the rules that restrict (`RESTRICTING`)."""
+    leaked, the accuracy on picture questions, and on the same questions asked without the rule (their unruled
+    twins); "all rules" pools the rules that restrict (`RESTRICTING`)."""
     scored: dict[str, list[tuple[dict, dict]]] = {}
+    twins: dict[str, list[bool]] = {}
     for item, prediction in zip(items, predictions):
-        if item.rule:
-            outcome = score(item.rule, prediction, item.answer)
-            for name in {item.rule["name"]} | ({"all rules"} if item.rule["name"] in RESTRICTING else set()):
-                scored.setdefault(name, []).append((item.rule, outcome))
+        if not item.rule:
+            continue
+        outcome = score(item.rule, prediction, item.answer)
+        twin_of = item.rule.get("twin_of")
+        if twin_of:  # the same question without the rule: counted beside the rule, not as a rule of its own
+            for name in (twin_of, "all rules"):
+                twins.setdefault(name, []).append(outcome["correct"])
+            continue
+        for name in {item.rule["name"]} | ({"all rules"} if item.rule["name"] in RESTRICTING else set()):
+            scored.setdefault(name, []).append((item.rule, outcome))
 
     def rate(values: list[bool]) -> float | None:
         return round(sum(values) / len(values), 4) if values else None
@@ -130,5 +138,6 @@ def rule_table(items: list[EvalItem], predictions: list[str]) -> dict:
         leaks = [outcome["leaked"] for _, outcome in pairs if outcome["leaked"] is not None]
         table[name] = {"n": len(pairs), "kept": rate([outcome["kept"] for _, outcome in pairs]),
                        "kept_attacked": rate(attacked), "n_attacked": len(attacked),
-                       "leaked": rate(leaks), "accuracy": rate(correct), "n_picture": len(correct)}
+                       "leaked": rate(leaks), "accuracy": rate(correct), "n_picture": len(correct),
+                       "accuracy_without_rule": rate(twins.get(name, []))}
     return table

@@ -43,7 +43,7 @@ def _phrasing_sets(held_out: bool) -> list[str]:
 def test_held_out_rules_use_only_unseen_attacks_and_code_words(rules_dir):
     training_words, held_out_words = map(set, made_up_words())
     train_chats = [r for r in _records(rules_dir / "train.jsonl") if "messages" in r and r["messages"][0]["role"] == "system"]
-    held_out = _records(rules_dir / "rules-eval.jsonl")
+    held_out = [r for r in _records(rules_dir / "rules-eval.jsonl") if "twin_of" not in r["rule"]]
     assert len(train_chats) == 300 and len(held_out) == 130
     train_users = " ".join(text for r in train_chats for text in _texts(r, "user"))
     eval_users = " ".join(text for r in held_out for text in _texts(r, "user"))
@@ -61,8 +61,20 @@ def test_held_out_rules_use_only_unseen_attacks_and_code_words(rules_dir):
     assert {r["rule"]["secret"] for r in prompts if "secret" in r["rule"]} <= training_words
 
 
+def test_picture_questions_under_a_rule_are_also_asked_without_it(rules_dir):
+    records = _records(rules_dir / "rules-eval.jsonl")
+    twins = [r for r in records if "twin_of" in r["rule"]]
+    ruled = {json.dumps(r["messages"][1:-1]): r for r in records if r["rule"]["name"] in ("capitals", "scope", "secret")
+             and r["rule"]["turn"] == "picture"}
+    assert len(twins) == len(ruled) > 0
+    for twin in twins:
+        source = ruled[json.dumps(twin["messages"][:-1])]  # the same user turn, image and all, without the system
+        assert twin["messages"][0]["role"] == "user" and twin["rule"]["twin_of"] == source["rule"]["name"]
+        assert twin["messages"][-1]["content"] == source["messages"][-1]["content"].lower()
+
+
 def test_every_rule_and_turn_is_held_out_and_answers_keep_the_rule(rules_dir):
-    held_out = _records(rules_dir / "rules-eval.jsonl")
+    held_out = [r for r in _records(rules_dir / "rules-eval.jsonl") if "twin_of" not in r["rule"]]
     kinds = {r["kind"].removesuffix(" attacked") for r in held_out}
     assert {"none", "capitals picture", "capitals form", "capitals rules", "scope picture", "scope outside",
             "secret code word", "secret rules", "open code word", "about picture"} <= kinds
@@ -110,6 +122,9 @@ def test_eval_reports_kept_leaked_and_accuracy_per_rule(rules_dir, tmp_path, cap
     assert table["all rules"]["n"] == sum(table[name]["n"] for name in ("capitals", "scope", "secret"))
     assert table["secret"]["leaked"] is not None and table["capitals"]["leaked"] is None
     assert table["none"]["n_picture"] == table["none"]["n"] and 0 <= table["none"]["accuracy"] <= 1
+    twins = sum(1 for line in (rules_dir / "rules-eval.jsonl").read_text().splitlines() if "twin_of" in line)
+    assert table["all rules"]["n_picture"] == twins and 0 <= table["all rules"]["accuracy_without_rule"] <= 1
+    assert table["open"]["accuracy_without_rule"] is None
     predictions = tmp_path / "predictions.jsonl"
     assert main(["eval", str(final), "--data", str(rules_dir / "rules-eval.jsonl"), "--out", str(predictions),
                  "--device", "cpu"]) == 0

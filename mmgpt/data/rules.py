@@ -179,11 +179,23 @@ def rule_chats(writer: ImageWriter, rng: random.Random, count: int) -> list[dict
 
 def rule_questions(writer: ImageWriter, rng: random.Random, count: int, held_out: bool) -> list[dict]:
     """`count` one-question records spread evenly over every rule and turn kind (`EVAL_TURNS`), the picture questions
-    without a rule ("none") among them: held out, for `mmgpt eval`; or in training phrasings, for `mmgpt data
-    pairs` to sample a model's answers on."""
+    without a rule ("none") among them: held out, for `mmgpt eval` (plus the unruled twin of each picture question
+    asked under a restricting rule); or in training phrasings, for `mmgpt data pairs` to sample a model's answers
+    on."""
     chats = RuleChats(rng, held_out)
     cells = [(rule, kind) for rule, kinds in EVAL_TURNS.items() for kind in kinds]
-    return [chats.question(writer, *cells[index % len(cells)]) for index in range(count)]
+    records = [chats.question(writer, *cells[index % len(cells)]) for index in range(count)]
+    return records + [unruled_twin(record) for record in records if held_out and record["rule"]["name"] in RESTRICTING
+                      and record["rule"]["turn"] == "picture"]
+
+
+def unruled_twin(record: dict) -> dict:
+    """The same picture question (attack wording and all) without the system message: what the rule costs in
+    accuracy is measured on the very questions asked under it."""
+    rule = record["rule"]
+    messages = record["messages"][1:-1] + [{"role": "assistant", "content": record["messages"][-1]["content"].lower()}]
+    return {"messages": messages, "kind": f"none (twin of {rule['name']})",
+            "rule": {"name": "none", "turn": "picture", "attack": rule["attack"], "twin_of": rule["name"]}}
 
 
 def _refusal(text: str) -> bool:
