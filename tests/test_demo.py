@@ -88,7 +88,7 @@ def test_chat_in_a_real_browser(served, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(served["url"])
-        textbox = page.locator("textarea").first
+        textbox = page.locator("textarea").last  # the message box: the system prompt's comes before it
         expect(textbox).to_be_visible(timeout=30_000)
         expect(page.get_by_text("Checkpoint loaded")).to_be_visible()
         bot = page.locator('[data-testid="bot"]')
@@ -178,7 +178,8 @@ def last(replies) -> str:
 def test_the_system_prompt_goes_first_and_an_empty_one_is_left_out(respond, tmp_path, monkeypatch):
     seen = []
     original = MMGPT.prompt
-    monkeypatch.setattr(MMGPT, "prompt", lambda self, messages, *a, **k: seen.append(messages) or original(self, messages, *a, **k))
+    monkeypatch.setattr(MMGPT, "prompt", lambda self, messages, *a, **k: (
+        isinstance(messages, list) and seen.append(messages)) or original(self, messages, *a, **k))
     question = {"text": "What colour is the circle?", "files": []}
     last(respond(question, [], 0.0, 1.0, 4, "Answer in capitals."))
     last(respond(question, [], 0.0, 1.0, 4, "  "))
