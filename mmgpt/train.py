@@ -28,10 +28,10 @@ from mmgpt.build import build, load_saved
 from mmgpt.config import Config, ConfigError, check_values
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
-from mmgpt.data.pairs import PairDataset, collate_pairs, read_pairs
 from mmgpt.data.loader import (
     StepSampler, batch_loader, default_num_workers, micro_batch_size, running, split_for_process,
 )
+from mmgpt.data.pairs import PairDataset, collate_pairs, read_pairs
 from mmgpt.data.records import Sample
 from mmgpt.data.shards import ShardStream, shard_index
 from mmgpt.dpo import STATS, dpo_step
@@ -273,7 +273,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)  # on the device, under autocast
 
-    def objective(batch: dict[str, torch.Tensor], normaliser: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def objective(batch: dict[str, torch.Tensor],
+                  normaliser: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss of the micro-batch as its share of the global batch's mean, summed DPO `STATS` or None): the mean
         per supervised token for next-token prediction, per pair for DPO."""
         if reference is None:
