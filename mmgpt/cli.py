@@ -42,6 +42,8 @@ def _data_pairs(args: argparse.Namespace) -> int:
     from mmgpt.dpo import sample_pairs
     from mmgpt.inference import MMGPT
 
+    if not 0 <= args.eval_share < 1:
+        raise ValueError(f"--eval-share must be in [0, 1), got {args.eval_share}")
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
     items = read_eval_items(args.prompts)
     held_out = int(len(items) * args.eval_share)

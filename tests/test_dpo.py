@@ -119,6 +119,8 @@ def test_dpo_prefers_the_chosen_replies(start, tmp_path):
 
 def test_dpo_needs_a_starting_model_and_well_formed_pairs(start, tmp_path):
     folder, final = start
+    assert main(["data", "pairs", str(final), "--prompts", str(folder / "rules-prompts.jsonl"), "--out",
+                 str(tmp_path / "pairs.jsonl"), "--eval-share", "1"]) == 2
     with pytest.raises(ConfigError, match="model.init_from"):
         tiny_config(folder, tmp_path, "train.objective=dpo")
     bad = folder / "bad-pairs.jsonl"
