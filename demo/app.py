@@ -22,7 +22,9 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 
 from mmgpt import MMGPT, ContextTooLongError, ImageError, load_image
+from mmgpt.data.tool_chats import zoom
 from mmgpt.images import ImageTransform
+from mmgpt.tools import tool_schema
 
 NOTICE = "Notice: "  # replies that start with this are the demo talking, not the model: never fed back as context
 IMAGE_RECEIVED = NOTICE + "Image received. Now ask a question about it."  # the one notice whose message stays
@@ -30,6 +32,8 @@ MAX_FILE_BYTES = 5 * 1024 * 1024  # one upload
 MAX_IMAGES_PER_MESSAGE = 4
 MAX_IMAGE_PIXELS = 16_000_000  # one picture, decoded: a 12-Mpx phone photo fits, a 9000x9000 PNG does not
 MAX_CHAT_PIXELS = 64_000_000  # every picture of one chat, decoded
+TOOLS = [zoom]  # offered when the tools switch is on: the shapes world's quadrant zoom
+MAX_TOOL_CALLS = 4
 UPLOAD_CACHE_BYTES = 256 * 1024 * 1024  # this demo's stored uploads; beyond it uploads wait for the cleanup
 CACHE_CLEANUP = (300, 3600)  # every 5 minutes delete uploads older than an hour; all of them at shutdown
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
@@ -98,12 +102,15 @@ def context_turns(history: list[dict]) -> list[tuple[str, list[tuple[str, str]]]
     """What of a Gradio history the model should see: [(role, parts)], consecutive user messages merged.
 
     A message the demo refused (answered with a notice) is left out with its notice, so one refused message never
-    joins later ones; a picture sent alone ("Image received") waits for the question that follows it.
+    joins later ones; a picture sent alone ("Image received") waits for the question that follows it. Tool calls
+    shown in the chat are left out: a later turn sees the answers, not the zoomed pictures behind them.
     """
     turns: list[tuple[str, list[tuple[str, str]]]] = []
     waiting: list[tuple[str, str]] = []  # user parts acknowledged, not yet answered
     pending: list[tuple[str, str]] = []  # user parts since the last reply
     for message in history:
+        if (message.get("metadata") or {}).get("title"):
+            continue  # a tool call shown to the user: the model gets the answer it led to, not the call again
         parts = _parts(message.get("content"))
         if message.get("role") == "user":
             pending += parts
@@ -170,7 +177,7 @@ def responder(model: MMGPT):
         return messages
 
     def respond(message: dict, history: list[dict], temperature: float, top_p: float, max_new_tokens: int,
-                system_prompt: str = model.processor.system_prompt) -> Iterator[str]:
+                system_prompt: str = model.processor.system_prompt, use_tools: bool = False) -> Iterator[str | list]:
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
         if not text and not files:
@@ -198,22 +205,58 @@ def responder(model: MMGPT):
         if not text:
             yield IMAGE_RECEIVED
             return
+        schemas = [tool_schema(tool) for tool in TOOLS] if use_tools else None
         try:
-            prompt = model.prompt(messages, int(max_new_tokens))
+            prompt = model.prompt(messages, int(max_new_tokens), tools=schemas)
         except ContextTooLongError as error:
             yield (NOTICE + f"this message is too long for the model ({error}). It was not sent; shorten it and try "
                    "again, the chat goes on without it.")
             return
         note = (f"\n\n{NOTICE}the {prompt.dropped} oldest messages no longer fit the context and were left out."
                 if prompt.dropped else "")
+        settings = dict(max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
+                        temperature=max(temperature, 1e-5), top_p=top_p, stream=True)
         answer = ""
-        for piece in model.chat(prompt, max_new_tokens=int(max_new_tokens), do_sample=temperature > 0,
-                                temperature=max(temperature, 1e-5), top_p=top_p, stream=True):
-            answer += piece
-            yield answer
-        yield (answer.strip() or NOTICE + "the model gave an empty answer.") + note
+        if not use_tools:
+            for piece in model.chat(prompt, **settings):
+                answer += piece
+                yield answer
+            yield (answer.strip() or NOTICE + "the model gave an empty answer.") + note
+            return
+        shown: list = []  # each call, titled, with what the tool returned
+        calls: list[dict] = []
+        try:
+            for event in model.chat(messages, tools=TOOLS, max_tool_calls=MAX_TOOL_CALLS, **settings):
+                if isinstance(event, str):
+                    answer += event
+                    yield [*shown, answer]
+                elif event["role"] == "assistant":
+                    calls, answer = [dict(call["function"], note=event["content"]) for call in event["tool_calls"]], ""
+                else:
+                    shown.append(tool_message(calls.pop(0) if calls else {}, event))
+                    yield shown
+        except ContextTooLongError as error:  # the tools' results filled the context before the model answered
+            yield [*shown, NOTICE + f"the tools' results no longer fit the model's context ({error}); ask again "
+                                    "with the tools switched off."]
+            return
+        yield [*shown, (answer.strip() or NOTICE + "the model gave an empty answer.") + note]
 
     return respond
+
+
+def tool_message(call: dict, result: dict) -> gr.ChatMessage:
+    """One tool call as the chat shows it: a collapsible "used zoom" titled with the call's arguments, holding the
+    picture (or the text) the tool returned."""
+    arguments = call.get("arguments")
+    shown = ", ".join(f"{key}={value}" for key, value in arguments.items()) if isinstance(arguments, dict) else arguments
+    title = f"used {call.get('name') or 'a tool'}" + (f" ({shown})" if shown else "")
+    pictures = [part["image"] for part in result["content"] if part["type"] == "image"]
+    text = " ".join(part["text"] for part in result["content"] if part["type"] == "text")
+    content = gr.Image(pictures[0], show_label=False, height=128) if pictures else text
+    metadata = {"title": title, "status": "done"}
+    if call.get("note"):
+        metadata["log"] = call["note"]
+    return gr.ChatMessage(content=content, metadata=metadata)
 
 
 class UploadGate:
@@ -281,12 +324,14 @@ class UploadGate:
         await PlainTextResponse(reason, status_code=status)(scope, receive, send)
 
 
-def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
+def build_app(model: MMGPT, checkpoint: str, tools: bool = False) -> gr.Blocks:
     system = model.processor.system_prompt
+    can_call = model.processor.special.tool is not None
+    tools = tools and can_call
     examples = [
-        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16, system],
-        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16, system],
-        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16, system],
+        [{"text": "What colour is the circle?", "files": [str(EXAMPLES_DIR / "shapes1.png")]}, 0.0, 1.0, 16, system, tools],
+        [{"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "shapes2.png")]}, 0.0, 1.0, 16, system, tools],
+        [{"text": "Is there a red square?", "files": [str(EXAMPLES_DIR / "shapes3.png")]}, 0.0, 1.0, 16, system, tools],
     ]
     with gr.Blocks(title="mmgpt", delete_cache=CACHE_CLEANUP) as app:
         gr.Markdown(f"## mmgpt\nImage-grounded chat. Checkpoint loaded: `{checkpoint}`")
@@ -296,6 +341,11 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
                 info="Sent first in every chat; the default is the one the model was trained under (empty: none). "
                      "A model trained with system rules follows it over the user's words: learnt behaviour, not a "
                      "security boundary.")
+        use_tools = gr.Checkbox(
+            tools, label="tools: zoom", interactive=can_call,
+            info="Let the model call zoom (one quadrant of your picture, enlarged) before it answers; each call shows "
+                 "in the chat. For models trained with tool chats (configs/tiny-tools.yaml)." if can_call else
+                 "This model was saved before tool use: it has no tool tokens.")
         gr.ChatInterface(
             responder(model),
             multimodal=True,
@@ -307,6 +357,7 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
                 gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", render=False),
                 gr.Slider(1, 128, value=32, step=1, label="max new tokens", render=False),
                 system_prompt,
+                use_tools,
             ],
             additional_inputs_accordion="generation settings",
             examples=examples,
@@ -319,10 +370,11 @@ def build_app(model: MMGPT, checkpoint: str) -> gr.Blocks:
 
 
 def launch(model: MMGPT, checkpoint: str, host: str = "127.0.0.1", port: int = 7860, open_browser: bool = False,
-           block: bool = True, upload_cache_bytes: int = UPLOAD_CACHE_BYTES) -> gr.Blocks:
+           block: bool = True, upload_cache_bytes: int = UPLOAD_CACHE_BYTES, tools: bool = False) -> gr.Blocks:
     """Serve the demo: bounded queue, two chats at a time, only pictures uploaded and their bytes and pixels capped,
-    no files served but Gradio's uploads, and those deleted after an hour and at shutdown."""
-    app = build_app(model, checkpoint)
+    no files served but Gradio's uploads, and those deleted after an hour and at shutdown. `tools`: the tools
+    switch starts on."""
+    app = build_app(model, checkpoint, tools)
     app.queue(max_size=32, default_concurrency_limit=2)
     app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, inbrowser=open_browser,
                show_error=False, share=False, prevent_thread_lock=not block, quiet=not block,
@@ -335,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a saved model folder, e.g. runs/tiny-shapes/final")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--tools", action="store_true", help="start with the tools switch on")
     args = parser.parse_args(argv)
-    launch(MMGPT.from_pretrained(args.checkpoint), args.checkpoint, args.host, args.port)
+    launch(MMGPT.from_pretrained(args.checkpoint), args.checkpoint, args.host, args.port, tools=args.tools)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
                          episode_words=args.episode_words, copy_drills=args.copy_drills,
                          episode_ways=args.episode_ways, system_rules=args.system_rules, rules_eval=args.rules_eval,
-                         rules_prompts=args.rules_prompts)
+                         rules_prompts=args.rules_prompts, tools=args.tools)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -140,7 +140,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = MMGPT.from_pretrained(args.checkpoint, device=args.device)
     with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
         results = [evaluate(model, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, out=out,
-                            shots=shots, support=args.support, seed=args.seed)
+                            shots=shots, support=args.support, seed=args.seed, tools=args.tools,
+                            max_tool_calls=args.max_tool_calls)
                    for data in args.data for shots in args.shots]
     if len(results) == 1:
         print(json.dumps(results[0]))
@@ -169,10 +170,52 @@ def _chat(args: argparse.Namespace) -> int:
     content = [{"type": "image", "image": image} for image in args.image] + [{"type": "text", "text": args.question}]
     system = model.processor.system_prompt if args.system is None else args.system
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + [{"role": "user", "content": content}]
-    for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, stream=True):
-        print(piece, end="", flush=True)
+    if not args.tools:
+        for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, stream=True):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for event in model.chat(messages, max_new_tokens=args.max_new_tokens, stream=True, tools=args.tools,
+                            max_tool_calls=args.max_tool_calls):
+        if isinstance(event, str):
+            print(event, end="", flush=True)
+        elif event["role"] == "assistant":
+            print("".join(f"\n[call] {call['function']['name']} {json.dumps(call['function']['arguments'])}"
+                          for call in event["tool_calls"]), flush=True)
+        else:
+            shown = [part["text"] if part["type"] == "text" else f"<picture {part['image'].size[0]}x{part['image'].size[1]}>"
+                     for part in event["content"]]
+            print(f"[result] {' '.join(shown)}", flush=True)
     print()
     return 0
+
+
+BUILTIN_TOOLS = {"zoom": "mmgpt.data.tool_chats:zoom"}
+
+
+def _tool(text: str):
+    """A tool by name (`BUILTIN_TOOLS`) or import path (package.module:function)."""
+    import importlib
+
+    path = BUILTIN_TOOLS.get(text, text)
+    module_name, _, name = path.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"unknown tool {text!r}: use one of {', '.join(BUILTIN_TOOLS)} or "
+                                         "package.module:function")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise argparse.ArgumentTypeError(f"tool {text!r} cannot be imported: {error}") from None
+    if not callable(function):
+        raise argparse.ArgumentTypeError(f"tool {text!r} is not a function")
+    return function
+
+
+def _add_tool_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--tools", type=_tool, nargs="+", default=None, metavar="TOOL",
+                         help=f"offer these tools: {', '.join(BUILTIN_TOOLS)} (the shapes world's quadrant zoom) or "
+                              "package.module:function (a function with type hints and a docstring)")
+    command.add_argument("--max-tool-calls", type=int, default=4, help="calls allowed before the model must answer")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +259,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mmgpt.inference import MMGPT
 
     app.launch(MMGPT.from_pretrained(checkpoint, device=args.device), str(checkpoint), args.host, args.port,
-               open_browser=args.open_browser)
+               open_browser=args.open_browser, tools=args.tools)
     return 0
 
 
@@ -263,6 +306,10 @@ def parser() -> argparse.ArgumentParser:
                         help="held-out rule questions in rules-eval.jsonl, spread over every rule and turn kind")
     shapes.add_argument("--rules-prompts", type=_positive, default=1300,
                         help="rule questions in training phrasings in rules-prompts.jsonl")
+    shapes.add_argument("--tools", type=int, default=0,
+                        help="chats offering the zoom tool (one quadrant enlarged), in which the assistant looks "
+                             "closer before answering colour, presence, position and count questions, added to "
+                             "train.jsonl (`mmgpt.data.tool_chats`); eval.jsonl stays the same")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)
@@ -340,6 +387,7 @@ def parser() -> argparse.ArgumentParser:
                           help="longest answer in tokens (greedy decoding stops at the end of the turn before it); "
                                "32 for rules-eval.jsonl, whose capital letters take a token each")
     evaluate.add_argument("--device", default=None)
+    _add_tool_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
     chat = commands.add_parser("chat", help="ask one question about one or more images")
@@ -350,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (default: the one the model was trained under, if any; "
                                        "'' for none)")
     chat.add_argument("--device", default=None)
+    _add_tool_options(chat)
     chat.set_defaults(run=_chat)
 
     demo = commands.add_parser("demo", help="web chat demo (trains the bundled tiny model first if needed)")
@@ -357,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    demo.add_argument("--tools", action="store_true", help="start with the tools switch (zoom) on")
     demo.add_argument("--device", default=None)
     demo.set_defaults(run=_demo)
     return root

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -16,6 +16,7 @@ from mmgpt.data.records import RecordError
 from mmgpt.data.rules import RESTRICTING, score
 from mmgpt.fewshot import few_shot_items
 from mmgpt.inference import MMGPT, ContextTooLongError
+from mmgpt.tools import ERROR_PREFIX
 
 
 def _blank_images(content: list[dict], blank: Image.Image) -> list[dict]:
@@ -67,9 +68,15 @@ def evaluate(
     shots: int = 0,
     support: str | Path | None = None,
     seed: int = 0,
+    tools: list[Callable] | None = None,
+    max_tool_calls: int = 4,
 ) -> dict:
     """{"data", "shots", "n", "accuracy", "blind_accuracy", "by_kind": {kind: {"n", "accuracy", "blind_accuracy"}}};
     `out` gets one JSON line per sample.
+
+    With `tools`, the same questions are asked again with the tools offered (the tool loop, one chat at a time):
+    "tools": {"accuracy", "calls", "tool_errors", "by_kind": {kind: {"n", "accuracy", "calls"}}}, beside the answers
+    without them; `calls` is the mean number of calls per question, `tool_errors` the share of calls that failed.
 
     With `shots` > 0 each query is preceded by that many solved examples (see `mmgpt.fewshot`) drawn from `support`,
     or from `path` itself. The blind score blanks every image, the examples' included.
@@ -91,10 +98,14 @@ def evaluate(
     by_kind: dict[str, list[tuple[bool, bool]]] = {}
     for item, ok, blind_ok in zip(items, correct, blind_correct):
         by_kind.setdefault(item.kind, []).append((ok, blind_ok))
+    with_tools = _with_tools(model, items, tools, max_tool_calls, max_new_tokens) if tools else None
     if out is not None:
-        for item, prediction, blind_prediction, ok in zip(items, seen, blind, correct):
-            out.write(json.dumps({"where": item.where, "shots": shots, "kind": item.kind, "answer": item.answer,
-                                  "prediction": prediction, "blind_prediction": blind_prediction, "correct": ok}) + "\n")
+        for index, (item, prediction, blind_prediction, ok) in enumerate(zip(items, seen, blind, correct)):
+            line = {"where": item.where, "shots": shots, "kind": item.kind, "answer": item.answer,
+                    "prediction": prediction, "blind_prediction": blind_prediction, "correct": ok}
+            if with_tools:
+                line.update(with_tools[index])
+            out.write(json.dumps(line) + "\n")
     result = {
         "data": str(path),
         "shots": shots,
@@ -107,7 +118,41 @@ def evaluate(
     }
     if any(item.rule for item in items):
         result["rules"] = rule_table(items, seen)
+    if with_tools:
+        result["tools"] = tool_table(items, with_tools)
     return result
+
+
+def _with_tools(model: MMGPT, items: list[EvalItem], tools: list[Callable], max_tool_calls: int,
+                max_new_tokens: int) -> list[dict]:
+    """Per item: the answer with the tools offered, whether it is right, and the calls made on the way."""
+    answers = []
+    for item in tqdm(items, desc="eval with tools", unit="question"):
+        if item.is_document:
+            raise RecordError(f"{item.where}: tools are offered in chats; this eval record is a document")
+        conversation = model.chat(item.prompt, max_new_tokens, tools=tools, max_tool_calls=max_tool_calls)
+        steps = conversation[len(item.prompt) : -1]
+        calls = [call["function"] for step in steps for call in step.get("tool_calls", [])]
+        results = [step for step in steps if step["role"] == "tool"]
+        errors = sum(any(part.get("text", "").startswith(ERROR_PREFIX) for part in step["content"]) for step in results)
+        prediction = conversation[-1]["content"]
+        answers.append({"tool_prediction": prediction, "tool_correct": normalise(prediction) == normalise(item.answer),
+                        "tool_calls": [{"name": call["name"], "arguments": call["arguments"]} for call in calls],
+                        "tool_errors": errors})
+    return answers
+
+
+def tool_table(items: list[EvalItem], answers: list[dict]) -> dict:
+    """Accuracy with the tools, and calls per question, in all and per kind."""
+    def summary(chosen: list[dict]) -> dict:
+        calls = sum(len(answer["tool_calls"]) for answer in chosen)
+        return {"n": len(chosen), "accuracy": round(sum(answer["tool_correct"] for answer in chosen) / len(chosen), 4),
+                "calls": round(calls / len(chosen), 3),
+                "tool_errors": round(sum(answer["tool_errors"] for answer in chosen) / calls, 4) if calls else 0.0}
+
+    kinds = sorted({item.kind for item in items})
+    return {**summary(answers), "by_kind": {kind: summary([answer for item, answer in zip(items, answers)
+                                                             if item.kind == kind]) for kind in kinds}}
 
 
 def rule_table(items: list[EvalItem], predictions: list[str]) -> dict:

@@ -5,6 +5,11 @@
     model.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
                                              {"type": "text", "text": "What colour is the circle?"}]}])
 
+With `tools=[function, ...]`, `chat` runs the tool loop (`mmgpt.tools`): the model writes a call, the function runs,
+its result (text or pictures) joins the conversation, and the model goes on until it answers:
+
+    conversation = model.chat(messages, tools=[zoom], max_tool_calls=4)   # every call and result, then the answer
+
 Generation is transformers' `generate()`: greedy, sampling, streamers and the KV cache come from there. Every
 entry point (chat, streaming, batched generate, complete, loglikelihood, evaluation, the demo) turns its input into
 a `Prompt` with one method, `MMGPT.prompt`; `chat` keeps the KV cache of each conversation it has read, so a
@@ -16,7 +21,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import TextIteratorStreamer
@@ -27,6 +32,10 @@ from mmgpt.data.records import parse_record
 from mmgpt.modeling import MMGPTForConditionalGeneration
 from mmgpt.prefix_cache import PrefixCache, prompt_key
 from mmgpt.processing import IGNORE_INDEX, Encoded, MMGPTProcessor
+from mmgpt.tools import Toolbox
+
+
+TOOL_TURN_TOKENS = 64  # the least a turn may write in the tool loop: a call's JSON is 15-40 tokens
 
 
 class ContextTooLongError(ValueError):
@@ -105,13 +114,14 @@ class MMGPT:
         return self.model.config.text_config.max_position_embeddings
 
     def prompt(self, messages: "list[dict] | Prompt", max_new_tokens: int, document: bool = False,
-               fit: bool = True) -> Prompt:
+               fit: bool = True, tools: list[dict] | None = None) -> Prompt:
         """Messages -> the prompt for the next assistant turn; with `document=True`, an interleaved document's
         items -> the prompt to continue it (never cut: which part of a document may go is the caller's to say).
 
         Fitting (`fit=True`, chats only) drops the oldest whole exchanges until the prompt leaves room for
         `max_new_tokens`: system messages and the newest user message always stay; before them the oldest go
-        first, a user message together with the replies that follow it, so no turn and no image is cut in half.
+        first, a user message together with the replies (and tool calls and results) that follow it, so no turn and
+        no image is cut in half. `tools`: JSON schemas, written at the end of the system message (`mmgpt.tools`).
         Each message is tokenised once and fitting counts; no image is loaded. `ContextTooLongError` says why
         even the shortest form does not fit. A `Prompt` passes through, checked to leave room for `max_new_tokens`."""
         limit = self.context_length - max_new_tokens
@@ -126,7 +136,7 @@ class MMGPT:
             self._check_fits(len(ids), len(images), limit, max_new_tokens)
             return Prompt(ids, images, sample.source, document=True)
         check_messages(messages)
-        sample = parse_record({"messages": messages}, base_dir=None, where="messages")
+        sample = parse_record({"messages": messages, "tools": tools}, base_dir=None, where="messages")
         turns = [t for t in sample.turns if t.role == "system"] + [t for t in sample.turns if t.role != "system"]
         encoded = []
         for turn in turns:
@@ -160,8 +170,9 @@ class MMGPT:
         return Encoded(prompt.ids, [IGNORE_INDEX] * len(prompt.ids), pixels)
 
     def _generate_kwargs(self, prompts: list[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
-                         top_p: float, images_from: int = 0) -> dict:
-        """`generate()`'s arguments for a left-padded batch; `images_from`: images before it are already read."""
+                         top_p: float, images_from: int = 0, tool_calls: bool = False) -> dict:
+        """`generate()`'s arguments for a left-padded batch; `images_from`: images before it are already read;
+        `tool_calls`: whether the model may call a tool."""
         encoded = [self._encoded(prompt, images_from) for prompt in prompts]
         batch = collate(encoded, self.processor.special.pad, padding_side="left")
         kwargs: dict[str, Any] = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
@@ -173,6 +184,8 @@ class MMGPT:
         # the model may only write text and end its turn: it never opens an image slot or a new turn
         kwargs["suppress_tokens"] = [special.image, special.image_start, special.image_end, special.system,
                                      special.user, special.assistant, special.pad]
+        kwargs["suppress_tokens"] += [token for token in (special.tool, None if tool_calls else special.tool_call)
+                                      if token is not None]
         if prompts[0].document:  # a document's text runs until its next image: stop there instead of forbidding it
             kwargs["eos_token_id"] = [*kwargs["eos_token_id"], special.image_start]
             kwargs["suppress_tokens"].remove(special.image_start)
@@ -241,41 +254,78 @@ class MMGPT:
         top_p: float = 1.0,
         stream: bool = False,
         cache: bool = True,
-    ) -> str | Iterator[str]:
+        tools: list[Callable] | None = None,
+        max_tool_calls: int = 4,
+        tool_timeout: float = 10.0,
+    ) -> "str | list[dict] | Iterator[str | dict]":
         """The assistant's reply to `messages`; with `stream=True`, an iterator of text pieces as they come.
 
         With `cache=True` the decoder's KV cache of this conversation is kept (within the `cache_bytes` bound), so
-        the next turn, whose messages begin with these plus the reply, reads only its new tokens and images."""
+        the next turn, whose messages begin with these plus the reply, reads only its new tokens and images.
+
+        With `tools` (Python functions, described to the model by their type hints and docstrings), the tool loop
+        runs instead and the whole conversation comes back: `messages`, then each assistant message with its
+        `tool_calls` and each tool's result, then the answer (`[-1]["content"]`); each turn may take up to
+        `TOOL_TURN_TOKENS` tokens where the context has room, for a call's JSON. At most `max_tool_calls` calls
+        run; after that the model must answer. A call that fails in any way, or a tool that runs past
+        `tool_timeout` seconds, becomes a tool message the model reads (`mmgpt.tools`). Streaming yields text
+        pieces, and each call message and result message (dicts) as it happens; the text before a call is also
+        that call message's content."""
         check_generation(max_new_tokens, do_sample, temperature, top_p)
+        if tools is not None:
+            if not isinstance(max_tool_calls, int) or isinstance(max_tool_calls, bool) or max_tool_calls < 0:
+                raise ValueError(f"max_tool_calls must be a whole number, 0 or more, got {max_tool_calls!r}")
+            if isinstance(messages, Prompt):
+                raise ValueError("chat with tools takes messages, not a Prompt: each step's prompt holds the calls")
+            self.processor.special.tools_supported()
+            check_messages(messages)
+            conversation = [dict(message) for message in messages]
+            events = self._tool_loop(conversation, Toolbox(tools, tool_timeout), max_tool_calls, stream,
+                                     (max_new_tokens, do_sample, temperature, top_p, cache))
+            if stream:
+                return events
+            for _ in events:
+                pass
+            return conversation
         prompt = self.prompt(messages, max_new_tokens)
+        settings = (max_new_tokens, do_sample, temperature, top_p, cache)
+        if not stream:
+            return self.processor.decode(self._turn(prompt, settings)).strip()
+        return self._streamed(prompt, settings, False)[0]
+
+    def _turn(self, prompt: Prompt, settings: tuple, streamer: TextIteratorStreamer | None = None,
+              tool_calls: bool = False) -> list[int]:
+        """Generate one assistant turn for `prompt`: the new token ids (reusing and keeping KV caches as `chat`
+        says)."""
+        max_new_tokens, do_sample, temperature, top_p, cache = settings
         special = self.processor.special
         key = prompt_key(prompt.ids, prompt.images, special.image_start, special.image_end) if cache else None
-        streamer = None
-        if stream:
-            streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                            timeout=300)
+        with self._lock, torch.inference_mode():
+            past, reused = self.prefix_cache.take(key, special.image_start) if cache else (None, 0)
+            images_read = sum(token == special.image_start for token in prompt.ids[:reused])
+            kwargs = self._generate_kwargs([prompt], max_new_tokens, do_sample, temperature, top_p, images_read,
+                                           tool_calls)
+            if past is not None:
+                kwargs[self.model._cache_argument] = past
+            output = self.model.generate(**kwargs, streamer=streamer, return_dict_in_generate=True)
+            if cache:
+                sequence = output.sequences[0].tolist()
+                self.prefix_cache.put(key + sequence[len(prompt.ids) : output.cache.get_seq_length()], output.cache,
+                                      len(key))
+        return output.sequences[0, len(prompt.ids) :].tolist()
 
-        def run() -> str:
-            with self._lock, torch.inference_mode():
-                past, reused = self.prefix_cache.take(key, special.image_start) if cache else (None, 0)
-                images_read = sum(token == special.image_start for token in prompt.ids[:reused])
-                kwargs = self._generate_kwargs([prompt], max_new_tokens, do_sample, temperature, top_p, images_read)
-                if past is not None:
-                    kwargs[self.model._cache_argument] = past
-                output = self.model.generate(**kwargs, streamer=streamer, return_dict_in_generate=True)
-                if cache:
-                    sequence = output.sequences[0].tolist()
-                    self.prefix_cache.put(key + sequence[len(prompt.ids) : output.cache.get_seq_length()], output.cache,
-                                          len(key))
-            return self.processor.decode(output.sequences[0, len(prompt.ids) :]).strip()
-
-        if not stream:
-            return run()
+    def _streamed(self, prompt: Prompt, settings: tuple, tool_calls: bool) -> tuple[Iterator[str], list[list[int]]]:
+        """(text pieces as they come, a list that holds the turn's ids once the pieces are exhausted); the text
+        stops where a tool call begins."""
+        special = self.processor.special
+        streamer = _ReplyStreamer(self.processor.tokenizer, special.tool_call, skip_prompt=True,
+                                  skip_special_tokens=True, timeout=300)
         errors: list[BaseException] = []
+        generated: list[list[int]] = []
 
         def in_thread() -> None:
             try:
-                run()
+                generated.append(self._turn(prompt, settings, streamer, tool_calls))
             except BaseException as error:  # surfaced to the consumer below
                 errors.append(error)
                 streamer.end()
@@ -291,4 +341,58 @@ class MMGPT:
             if errors:
                 raise errors[0]
 
-        return pieces()
+        return pieces(), generated
+
+    def _tool_loop(self, conversation: list[dict], toolbox: Toolbox, max_tool_calls: int, stream: bool,
+                   settings: tuple) -> Iterator[str | dict]:
+        """Generate, run the calls, append calls and results to `conversation`, until the model answers."""
+        tool_call = self.processor.special.tool_call
+        calls = 0
+        while True:
+            prompt = self.prompt(conversation, settings[0], tools=toolbox.schemas)
+            room = max(settings[0], min(TOOL_TURN_TOKENS, self.context_length - len(prompt.ids)))
+            turn = (room, *settings[1:])
+            allowed = calls < max_tool_calls
+            if stream:
+                pieces, generated = self._streamed(prompt, turn, allowed)
+                yield from pieces
+                ids = generated[0]
+            else:
+                ids = self._turn(prompt, turn, tool_calls=allowed)
+            starts = [index for index, token in enumerate(ids) if token == tool_call]
+            text = self.processor.decode(ids[: starts[0]] if starts else ids).strip()
+            if not starts:
+                conversation.append({"role": "assistant", "content": text})
+                return
+            written = [self.processor.decode(ids[start + 1 : end]).strip()
+                       for start, end in zip(starts, starts[1:] + [len(ids)])][: max_tool_calls - calls]
+            message = {"role": "assistant", "content": text, "tool_calls": [toolbox.call_record(w) for w in written]}
+            conversation.append(message)
+            yield message
+            for call in written:
+                calls += 1
+                pictures = parse_record({"messages": conversation}, None, "messages").images
+                result = toolbox.run(call, pictures)
+                conversation.append(result)
+                yield result
+
+
+class _ReplyStreamer(TextIteratorStreamer):
+    """Streams a reply's text up to its first tool call: the call's JSON is shown as a call, not as text."""
+
+    def __init__(self, tokenizer: Any, tool_call_id: int | None, **kwargs: Any):
+        super().__init__(tokenizer, **kwargs)
+        self.tool_call_id = tool_call_id
+        self.calling = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt or self.tool_call_id is None:
+            return super().put(value)
+        if self.calling:
+            return None
+        ids = value.reshape(-1).tolist()
+        if self.tool_call_id in ids:
+            self.calling = True
+            before = ids[: ids.index(self.tool_call_id)]
+            return super().put(torch.tensor(before)) if before else None
+        return super().put(value)

@@ -4,7 +4,9 @@ Layout (control tokens are ids, never parsed out of text):
   document: text and images in order, then <|endoftext|>; loss on every text token, on each <|image_start|>
             that follows text (where that text ends: how a model learns to stop a line, as OpenFlamingo's
             <|endofchunk|>; `complete` stops there) and on the end token.
-  chat:     per message <|role|> content <|end|>; loss on assistant content and its <|end|> only.
+  chat:     per message <|role|> content <|end|>; loss on assistant content and its <|end|> only. An assistant's
+            tool calls follow its text, each <|tool_call|> and the call's JSON (learnt); a tool's result is a
+            message of role tool (`mmgpt.tools`), never learnt.
   image:    <|image_start|> <|image|> x num_image_tokens <|image_end|>; no loss on the image's own tokens.
 """
 
@@ -71,6 +73,8 @@ class MMGPTProcessor:
                 images.append(segment.image)
             else:
                 text_ids = self.encode_text(segment.text)
+                if segment.tool_call:
+                    text_ids = [self.special.tools_supported()[1], *text_ids]
                 ids += text_ids
                 labels += text_ids if supervised else [IGNORE_INDEX] * len(text_ids)
         return ids, labels

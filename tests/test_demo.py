@@ -17,6 +17,7 @@ from PIL import Image
 
 from mmgpt import MMGPT
 from mmgpt.data.rules import DEFAULT_SYSTEM_PROMPT
+from mmgpt.data.tool_chats import ZOOM_SCHEMA, zoom
 from mmgpt.train import train
 
 from conftest import tiny_config
@@ -27,6 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
 QUESTIONS = [("What colour is the circle?", "red"), ("How many shapes are there?", "two")]
+TOOL_QUESTION = ("Look closer at the top left.", "done looking")
 
 
 def load_app_module():
@@ -54,12 +56,22 @@ def served(shapes_dir, tmp_path_factory):
         {"role": "assistant", "content": QUESTIONS[0][1]},
         {"role": "user", "content": QUESTIONS[1][0]},
         {"role": "assistant", "content": QUESTIONS[1][1]}]}
+    small = Image.open(image).convert("RGB").resize((32, 32))  # what the demo keeps of a picture: the model's size
+    zoom(small, "top left").save(folder / "demo_zoomed.png")
+    tool_chat = {"tools": [ZOOM_SCHEMA], "messages": [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": [{"type": "image", "image": "demo_picture.png"},
+                                     {"type": "text", "text": TOOL_QUESTION[0]}]},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "zoom", "arguments": {"image": 1, "region": "top left"}}}]},
+        {"role": "tool", "name": "zoom", "content": [{"type": "image", "image": "demo_zoomed.png"}]},
+        {"role": "assistant", "content": TOOL_QUESTION[1]}]}
     data = folder / "demo_chat.jsonl"
-    data.write_text((json.dumps(chat) + "\n") * 4)
+    data.write_text((json.dumps(chat) + "\n" + json.dumps(tool_chat) + "\n") * 4)
     run = tmp_path_factory.mktemp("demo-run")
     config = tiny_config(folder, run, f"data.train={data}", "data.eval=", "train.max_steps=120", "train.lr=5e-3",
                          "train.min_lr_ratio=1.0", "train.warmup_steps=5", "train.save_every=1000",
-                         f"model.system_prompt={DEFAULT_SYSTEM_PROMPT}")
+                         f"model.system_prompt={DEFAULT_SYSTEM_PROMPT}", "model.text.config.n_positions=512")
     final = train(config).final_dir
     assert MMGPT.from_pretrained(final, device="cpu").processor.system_prompt == DEFAULT_SYSTEM_PROMPT  # saved with it
     module = load_app_module()
@@ -127,6 +139,21 @@ def test_chat_in_a_real_browser(served, tmp_path):
         expect(bot).to_have_count(4, timeout=60_000)
         expect(bot.nth(3)).to_have_text(re.compile(r"^(?!Notice)\s*\w"), timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "demo-after-refused-message.png"), full_page=True)
+
+        page = browser.new_page()  # a new chat, with the tools switch on: the model calls zoom, the chat shows it
+        page.goto(served["url"])
+        textbox = page.locator("textarea").last
+        expect(textbox).to_be_visible(timeout=30_000)
+        page.get_by_label("tools: zoom").check()
+        page.locator('input[type="file"]').first.set_input_files([str(served["image"])])
+        page.wait_for_timeout(500)
+        textbox.fill(TOOL_QUESTION[0])
+        textbox.press("Enter")
+        expect(page.get_by_text("used zoom (image=1, region=top left)")).to_be_visible(timeout=60_000)
+        expect(page.locator('[data-testid="bot"]').last).to_contain_text(TOOL_QUESTION[1], timeout=60_000)
+        page.get_by_text("used zoom (image=1, region=top left)").click()  # the call opens on the zoomed picture
+        expect(page.locator('[data-testid="bot"] img').first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "demo-tool-call.png"), full_page=True)
         browser.close()
 
 

@@ -1,7 +1,8 @@
 """Records -> `Sample`s: the one place that checks a record (readers of every format, `formats.py`, call it).
 
 Interleaved document: {"content": [{"type": "text", "text": ...}, {"type": "image", "image": "img/1.png"}, ...]}
-Chat: {"messages": [{"role": "system"|"user"|"assistant", "content": [items] or "plain text"}, ...]}
+Chat: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": [items] or "plain text"}, ...]},
+      with "tools": [JSON schemas] and assistant "tool_calls" for tool use (the format: `mmgpt.tools`)
 Image paths are relative to the JSONL file and must stay inside its folder.
 """
 
@@ -14,8 +15,9 @@ from typing import Any, Iterator, Union
 from PIL import Image
 
 from mmgpt.images import ImageBytes
+from mmgpt.tools import ToolError, call_text, read_call, tool_schema, tools_text
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ImageRef = Union[str, Path, Image.Image, ImageBytes]
 
 
@@ -25,10 +27,11 @@ class RecordError(ValueError):
 
 @dataclass
 class Segment:
-    """A piece of a turn: either text or one image (a path or a PIL image)."""
+    """A piece of a turn: either text or one image (a path or a PIL image); `tool_call` text is a call's JSON."""
 
     text: str | None = None
     image: ImageRef | None = None
+    tool_call: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -113,11 +116,45 @@ def parse_record(record: Any, base_dir: Path | None = None, where: str = "<memor
             role = message.get("role") if isinstance(message, dict) else None
             if role not in ROLES:
                 raise RecordError(f"{where}: message {index} has unknown role {role!r} (expected one of {ROLES})")
-            turns.append(Turn(role, _parse_items(message.get("content"), base_dir, f"{where} message {index}")))
+            turns.append(_message_turn(message, turns, base_dir, f"{where} message {index}"))
+        if record.get("tools"):
+            turns = _with_tools(turns, record["tools"], where)
         return Sample(turns, where)
     if "content" in record:
         return Sample([Turn(None, _parse_items(record["content"], base_dir, where))], where)
     raise RecordError(f"{where}: a record needs 'messages' (chat) or 'content' (document)")
+
+
+def _message_turn(message: dict, earlier: list[Turn], base_dir: Path | None, where: str) -> Turn:
+    """One chat message; an assistant's "tool_calls" become call segments after its text."""
+    role, calls = message["role"], message.get("tool_calls") or []
+    if calls and role != "assistant":
+        raise RecordError(f"{where}: only an assistant message may hold tool_calls")
+    if role == "tool" and not (earlier and (earlier[-1].role == "tool" or any(s.tool_call for s in earlier[-1].segments))):
+        raise RecordError(f"{where}: a tool message must follow an assistant message with tool_calls")
+    if not isinstance(calls, list):
+        raise RecordError(f"{where}: tool_calls must be a list")
+    content = message.get("content")
+    segments = _parse_items(content, base_dir, where) if content or not calls else []
+    for position, call in enumerate(calls):
+        try:
+            segments.append(Segment(text=call_text(*read_call(call, f"{where} tool call {position}")), tool_call=True))
+        except ToolError as error:
+            raise RecordError(str(error)) from None
+    return Turn(role, segments)
+
+
+def _with_tools(turns: list[Turn], tools: Any, where: str) -> list[Turn]:
+    """The tool schemas at the end of the system message (one made if there is none): `mmgpt.tools`."""
+    if not isinstance(tools, list):
+        raise RecordError(f"{where}: 'tools' must be a list of JSON schemas")
+    try:
+        block = tools_text([tool_schema(tool) for tool in tools])
+    except ToolError as error:
+        raise RecordError(f"{where}: {error}") from None
+    if turns[0].role == "system":
+        return [Turn("system", [*turns[0].segments, Segment(text="\n\n" + block)]), *turns[1:]]
+    return [Turn("system", [Segment(text=block)]), *turns]
 
 
 def iter_lines(path: Path) -> Iterator[str]:
