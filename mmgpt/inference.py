@@ -181,15 +181,20 @@ class MMGPT:
                       pad_token_id=special.pad)
         if do_sample:
             kwargs.update(temperature=temperature, top_p=top_p)
-        # the model may only write text and end its turn: it never opens an image slot or a new turn
-        kwargs["suppress_tokens"] = [special.image, special.image_start, special.image_end, special.system,
-                                     special.user, special.assistant, special.pad]
-        kwargs["suppress_tokens"] += [token for token in (special.tool, None if tool_calls else special.tool_call)
-                                      if token is not None]
+        kwargs["suppress_tokens"] = self._forbidden(tool_calls)
         if prompts[0].document:  # a document's text runs until its next image: stop there instead of forbidding it
             kwargs["eos_token_id"] = [*kwargs["eos_token_id"], special.image_start]
             kwargs["suppress_tokens"].remove(special.image_start)
         return kwargs
+
+    def _forbidden(self, tool_calls: bool = False) -> list[int]:
+        """Tokens the model may not write in a chat reply: it never opens an image slot or a new turn, and calls a
+        tool only when tools are offered."""
+        special = self.processor.special
+        forbidden = [special.image, special.image_start, special.image_end, special.system, special.user,
+                     special.assistant, special.pad]
+        return forbidden + [token for token in (special.tool, None if tool_calls else special.tool_call)
+                            if token is not None]
 
     def _generate_batch(self, prompts: list[Prompt], max_new_tokens: int, do_sample: bool, temperature: float,
                         top_p: float) -> list[str]:
@@ -243,7 +248,9 @@ class MMGPT:
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         target = torch.tensor(continuation_ids, device=self.device)
         total = float(log_probs.gather(-1, target[:, None]).sum())
-        return total, bool((log_probs.argmax(-1) == target).all())
+        allowed = log_probs.clone()
+        allowed[:, self._forbidden()] = float("-inf")  # greedy as `generate` decodes: forbidden tokens never win
+        return total, bool((allowed.argmax(-1) == target).all())
 
     def chat(
         self,

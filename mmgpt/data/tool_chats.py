@@ -4,7 +4,8 @@
 assistant looks at the quadrants in reading order (top left, top right, bottom left, bottom right), where a
 64-pixel picture's object fills the view instead of a quarter of it:
   colour, presence, position  until the zoomed view shows the object the question names (presence: "no" after
-                              all four without it); the answer is then read from that view or from its place;
+                              all four without it), saying what each other view shows before the next call
+                              ("a blue square.", "nothing."); the answer is then read from that view or its place;
   count                       all four, the count so far written before each next call ("So far: two."), so
                               the answer is the last count plus what the last view shows;
   shape, two-picture questions  answered at once: the whole picture already shows them (no call).
@@ -62,8 +63,8 @@ def look_closer(picture: Image.Image, scene: list[Shape], kind: str, question: s
     at = {(item.column, item.row): item for item in scene}
     messages: list[dict] = []
     counted = 0
+    note = ""
     for region, place in REGIONS.items():
-        note = f"So far: {NUMBERS[counted]}." if kind == "count" and messages else ""
         messages.append({"role": "assistant", "content": note, "tool_calls": [_call(region)]})
         messages.append({"role": "tool", "name": "zoom",
                          "content": [{"type": "image", "image": writer.save(zoom(picture, region))}]})
@@ -71,6 +72,8 @@ def look_closer(picture: Image.Image, scene: list[Shape], kind: str, question: s
         counted += found
         if found and kind != "count":
             break
+        seen = f"a {at[place].name}." if place in at else "nothing."
+        note = f"So far: {NUMBERS[counted]}." if kind == "count" else seen
     return messages
 
 
