@@ -102,7 +102,9 @@ def test_loglikelihood_requests_score_each_choice_as_the_assistants_reply(task):
     expected = [model.loglikelihood(conversation(doc), choice) for doc in docs for choice in COLOURS]
     assert [round(score, 4) for score, _ in scores] == [round(score, 4) for score, _ in expected]
     assert all(score < 0 for score, _ in scores) and len({round(s, 3) for s, _ in scores}) > len(COLOURS)
-    greedy = model.generate([conversation(docs[0])], max_new_tokens=4)[0]
+    settings = model._generate_kwargs([model.prompt(conversation(docs[0]), 4)], 4, False, 1.0, 1.0)
+    written = model.model.generate(**settings)[0, settings["input_ids"].shape[1] :]
+    greedy = model.processor.decode(written)  # as written, its leading space kept (`generate` strips it)
     assert model.loglikelihood(conversation(docs[0]), greedy)[1] is True  # what it writes is what greedy scores
 
 

@@ -102,7 +102,7 @@ def test_pretrained_parts_load_from_local_paths(tmp_path):
     torch.testing.assert_close(
         model.language_model.transformer.h[0].attn.c_attn.weight, decoder.transformer.h[0].attn.c_attn.weight
     )
-    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer) == 95 + 8  # control tokens + pad added
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer) == 95 + 10  # control and tool tokens + pad added
     assert model.config.image_token_id == processor.special.image
     model.eval()
     with torch.no_grad():
