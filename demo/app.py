@@ -33,6 +33,7 @@ MAX_IMAGES_PER_MESSAGE = 4
 MAX_IMAGE_PIXELS = 16_000_000  # one picture, decoded: a 12-Mpx phone photo fits, a 9000x9000 PNG does not
 MAX_CHAT_PIXELS = 64_000_000  # every picture of one chat, decoded
 TOOLS = [zoom]  # offered when the tools switch is on: the shapes world's quadrant zoom
+TOOL_SCHEMAS = [tool_schema(tool) for tool in TOOLS]
 MAX_TOOL_CALLS = 4
 UPLOAD_CACHE_BYTES = 256 * 1024 * 1024  # this demo's stored uploads; beyond it uploads wait for the cleanup
 CACHE_CLEANUP = (300, 3600)  # every 5 minutes delete uploads older than an hour; all of them at shutdown
@@ -205,9 +206,8 @@ def responder(model: MMGPT):
         if not text:
             yield IMAGE_RECEIVED
             return
-        schemas = [tool_schema(tool) for tool in TOOLS] if use_tools else None
         try:
-            prompt = model.prompt(messages, int(max_new_tokens), tools=schemas)
+            prompt = model.prompt(messages, int(max_new_tokens), tools=TOOL_SCHEMAS if use_tools else None)
         except ContextTooLongError as error:
             yield (NOTICE + f"this message is too long for the model ({error}). It was not sent; shorten it and try "
                    "again, the chat goes on without it.")

@@ -75,7 +75,7 @@ def evaluate(
     `out` gets one JSON line per sample.
 
     With `tools`, the same questions are asked again with the tools offered (the tool loop, one chat at a time):
-    "tools": {"accuracy", "calls", "tool_errors", "by_kind": {kind: {"n", "accuracy", "calls"}}}, beside the answers
+    "tools": {"n", "accuracy", "calls", "tool_errors", "by_kind": {kind: the same but by_kind}}, beside the answers
     without them; `calls` is the mean number of calls per question, `tool_errors` the share of calls that failed.
 
     With `shots` > 0 each query is preceded by that many solved examples (see `mmgpt.fewshot`) drawn from `support`,

@@ -35,7 +35,7 @@ from mmgpt.processing import IGNORE_INDEX, Encoded, MMGPTProcessor
 from mmgpt.tools import Toolbox
 
 
-TOOL_TURN_TOKENS = 64  # the least a turn may write in the tool loop: a call's JSON is 15-40 tokens
+TOOL_TURN_TOKENS = 64  # what a tool-loop turn may write where the context has room: a call's JSON is 15-40 tokens
 
 
 class ContextTooLongError(ValueError):

@@ -136,7 +136,7 @@ class Toolbox:
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ValueError(f"tool_timeout must be a number of seconds above 0, got {timeout!r}")
         self.schemas = [tool_schema(tool) for tool in tools]
-        self.functions = {schema["function"]["name"]: tool for schema, tool in zip(self.schemas, tools)}
+        self.functions = {schema["function"]["name"]: (schema, tool) for schema, tool in zip(self.schemas, tools)}
         if len(self.functions) != len(tools):
             raise ToolError("two tools have the same name")
         self.timeout = timeout
@@ -158,7 +158,7 @@ class Toolbox:
             return _error_message("", str(error))
         if name not in self.functions:
             return _error_message(name, f"there is no tool {name!r} (tools: {', '.join(self.functions)})")
-        schema = next(s for s in self.schemas if s["function"]["name"] == name)
+        schema, function = self.functions[name]
         try:
             check_arguments(schema, arguments, len(pictures))
         except ToolError as error:
@@ -173,7 +173,7 @@ class Toolbox:
 
         def call() -> None:
             try:
-                outcome["value"] = self.functions[name](**values)
+                outcome["value"] = function(**values)
             except BaseException as error:  # the tool's failure is reported to the model, not raised
                 outcome["error"] = error
 
