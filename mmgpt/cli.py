@@ -20,7 +20,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
                          eval_episodes=args.eval_episodes, ways=args.ways, per_way=args.per_way,
                          episode_words=args.episode_words, copy_drills=args.copy_drills,
                          episode_ways=args.episode_ways, system_rules=args.system_rules, rules_eval=args.rules_eval,
-                         rules_prompts=args.rules_prompts, tools=args.tools)
+                         rules_prompts=args.rules_prompts, tools=args.tools, tool=args.tool)
     for path in paths:
         print(f"wrote {path} ({sum(1 for _ in path.open())} records)")
     return 0
@@ -190,7 +190,7 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-BUILTIN_TOOLS = {"zoom": "mmgpt.data.tool_chats:zoom"}
+BUILTIN_TOOLS = {"zoom": "mmgpt.data.tool_chats:zoom", "find_regions": "mmgpt.data.tool_chats:find_regions"}
 
 
 def _tool(text: str):
@@ -213,7 +213,8 @@ def _tool(text: str):
 
 def _add_tool_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--tools", type=_tool, nargs="+", default=None, metavar="TOOL",
-                         help=f"offer these tools: {', '.join(BUILTIN_TOOLS)} (the shapes world's quadrant zoom) or "
+                         help=f"offer these tools: {', '.join(BUILTIN_TOOLS)} (the shapes world's quadrant zoom and "
+                              "region finder) or "
                               "package.module:function (a function with type hints and a docstring)")
     command.add_argument("--max-tool-calls", type=int, default=4, help="calls allowed before the model must answer")
 
@@ -307,9 +308,12 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--rules-prompts", type=_positive, default=1300,
                         help="rule questions in training phrasings in rules-prompts.jsonl")
     shapes.add_argument("--tools", type=int, default=0,
-                        help="chats offering the zoom tool (one quadrant enlarged), in which the assistant looks "
-                             "closer before answering colour, presence, position and count questions, added to "
-                             "train.jsonl (`mmgpt.data.tool_chats`); eval.jsonl stays the same")
+                        help="chats offering --tool, added to train.jsonl (`mmgpt.data.tool_chats`); eval.jsonl "
+                             "stays the same")
+    shapes.add_argument("--tool", choices=("zoom", "find_regions"), default="zoom",
+                        help="zoom: one quadrant enlarged, the assistant looking closer before colour, presence, "
+                             "position and count questions; find_regions: each region of one colour measured (colour, "
+                             "place, size, how much of its box it fills), one call before every one-picture question")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)

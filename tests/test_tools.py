@@ -3,6 +3,7 @@ where a test needs a particular call (a tiny random model writes none); everythi
 path. The trained path (a model that calls zoom by itself) is in test_demo.py and the eval test below."""
 
 import json
+import random
 import time
 
 import pytest
@@ -15,8 +16,9 @@ from mmgpt.build import build
 from mmgpt.cli import main
 from mmgpt.data.formats import read_jsonl
 from mmgpt.data.records import RecordError, parse_record
+from mmgpt.data.scenes import ImageWriter, draw_scene, random_scene
 from mmgpt.data.shapes import write_shapes
-from mmgpt.data.tool_chats import ZOOM_SCHEMA, zoom
+from mmgpt.data.tool_chats import COLOUR_NAMES, ZOOM_SCHEMA, colour_names, find_region_chat, find_regions, zoom
 from mmgpt.processing import IGNORE_INDEX
 from mmgpt.tools import ERROR_PREFIX, TOOLS_HEADER, tool_schema
 from mmgpt.train import train
@@ -135,6 +137,50 @@ def test_zoom_enlarges_the_quadrant_it_is_asked_for():
     assert zoom(PICTURE, "bottom left").getpixel((16, 16)) == (255, 255, 255)
     with pytest.raises(ValueError, match="region must be one of"):
         zoom(PICTURE, "middle")
+
+
+def test_colours_are_named_by_hue_not_by_any_world_palette():
+    swatches = {(255, 0, 0): "red", (255, 140, 0): "orange", (250, 230, 20): "yellow", (30, 160, 40): "green",
+                (0, 150, 150): "teal", (20, 40, 230): "blue", (140, 40, 200): "purple", (240, 60, 170): "pink",
+                (250, 250, 250): "white", (128, 128, 128): "grey", (10, 10, 10): "black"}
+    picture = Image.new("RGB", (len(swatches), 1))
+    picture.putdata(list(swatches))
+    assert [COLOUR_NAMES[index] for index in colour_names(picture)[0]] == list(swatches.values())
+
+
+def test_find_regions_measures_each_object_from_pixels_alone():
+    rng = random.Random(3)
+    for _ in range(40):
+        scene = random_scene(rng)
+        count, *lines = find_regions(draw_scene(scene, rng)).splitlines()
+        assert count == f"{len(scene)} found"
+        assert sorted(line.rsplit(", ", 1)[0] for line in lines) == sorted(f"{item.name}, {item.place}" for item in scene)
+    blank = Image.new("RGB", (64, 64), (255, 255, 255))
+    assert find_regions(blank) == "0 found"
+    picture = blank.copy()
+    picture.paste((220, 40, 40), (4, 40, 24, 60))  # a 20-pixel square, bottom left
+    picture.paste((40, 80, 220), (30, 4, 60, 14))  # a 30x10 rectangle, top right
+    assert find_regions(picture) == "2 found\nblue rectangle, top right, 30x10 px\nred square, bottom left, 20x20 px"
+    assert find_regions(picture, colour="red") == find_regions(picture, form="square") == (
+        "1 found\nred square, bottom left, 20x20 px")
+    assert find_regions(picture, colour="red", form="rectangle") == "0 found"
+    large = picture.resize((640, 640), Image.Resampling.NEAREST)  # measured at a smaller size, told in its own pixels
+    assert find_regions(large) == "2 found\nblue rectangle, top right, 300x100 px\nred square, bottom left, 200x200 px"
+
+
+def test_a_region_chat_calls_once_for_one_picture_and_never_for_two(tmp_path):
+    writer = ImageWriter(tmp_path, "train", random.Random(0))
+    one = find_region_chat(writer, random.Random(1), "presence")
+    call, result = one["messages"][1:3]
+    _, colour, shape = one["messages"][0]["content"][-1]["text"].rstrip("?").split()[-3:]  # "Is there a red circle?"
+    assert call["tool_calls"][0]["function"] == {"name": "find_regions",
+                                                 "arguments": {"image": 1, "colour": colour, "form": shape}}
+    assert result["role"] == "tool" and result["content"] and one["messages"][-1]["role"] == "assistant"
+    assert one["tools"][0]["function"]["name"] == "find_regions"
+    two = find_region_chat(writer, random.Random(1), "pair")
+    assert [message["role"] for message in two["messages"]] == ["user", "assistant"]
+    for record in (one, two):
+        parse_record(record, tmp_path)
 
 
 def test_the_loop_runs_the_call_feeds_back_the_picture_and_returns_every_step(api, monkeypatch):
@@ -294,19 +340,21 @@ def test_a_model_saved_before_tool_use_says_so(api, monkeypatch):
     assert isinstance(api.chat(ask(), max_new_tokens=2), str)  # without tools it still chats
 
 
-def test_tool_chats_train_and_eval_reports_with_and_without_tools(tmp_path, capsys):
+@pytest.mark.parametrize("tool, calls_to_count", [("zoom", 4), ("find_regions", 1)])
+def test_tool_chats_train_and_eval_reports_with_and_without_tools(tmp_path, capsys, tool, calls_to_count):
     data = tmp_path / "data"
-    write_shapes(data, seed=2, train=20, eval=14, tools=30)
+    write_shapes(data, seed=2, train=20, eval=14, tools=30, tool=tool)
     records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     tool_records = [record for record in records if "tools" in record]
     assert len(tool_records) == 30
+    assert {record["tools"][0]["function"]["name"] for record in tool_records} == {tool}
     count = next(record for record in tool_records if record["kind"] == "count")
-    assert sum(message["role"] == "tool" for message in count["messages"]) == 4  # all four quadrants for a count
+    assert sum(message["role"] == "tool" for message in count["messages"]) == calls_to_count  # zoom: all quadrants
     config = tiny_config(data, tmp_path / "run", "train.max_steps=3", "train.save_every=100",
                          "model.text.config.n_positions=512")
     final = train(config).final_dir
     out = tmp_path / "predictions.jsonl"
-    assert main(["eval", str(final), "--data", str(data / "eval.jsonl"), "--tools", "zoom", "--max-tool-calls", "2",
+    assert main(["eval", str(final), "--data", str(data / "eval.jsonl"), "--tools", tool, "--max-tool-calls", "2",
                  "--out", str(out), "--max-new-tokens", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tools"]["n"] == 14 and set(result["tools"]["by_kind"]) == set(result["by_kind"])

@@ -117,7 +117,8 @@ def _interleaved_doc(writer: ImageWriter, rng: random.Random) -> dict:
 def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 500, episodes: int = 0,
                  eval_episodes: int = 0, ways: int = 2, per_way: int = 5, episode_words: str = "syllables",
                  copy_drills: int = 0, episode_ways: tuple[int, ...] = (), system_rules: int = 0,
-                 rules_eval: int = 650, rules_prompts: int = 1300, tools: int = 0) -> list[Path]:
+                 rules_eval: int = 650, rules_prompts: int = 1300, tools: int = 0,
+                 tool: str = "zoom") -> list[Path]:
     """Write `out/train.jsonl` (VQA chats, captions, interleaved documents, plus `episodes` fast-binding episodes
     whose words are drawn as `episode_words` says) and `out/eval.jsonl` (one question each, balanced over the
     question kinds, two-image questions included), plus `copy_drills` plain-text copying drills
@@ -128,8 +129,8 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     evaluation. With `system_rules`, that many chats under a system rule (`mmgpt.data.rules`) join the training
     records, and `out/rules-eval.jsonl` (`rules_eval` questions in held-out attack phrasings and code words) and
     `out/rules-prompts.jsonl` (`rules_prompts` questions in training phrasings and code words, for `mmgpt data
-    pairs`) are written. With `tools`, that many chats offering the zoom tool (`mmgpt.data.tool_chats`) join the
-    training records."""
+    pairs`) are written. With `tools`, that many chats offering `tool` (`zoom` or `find_regions`:
+    `mmgpt.data.tool_chats`) join the training records."""
     for count in (ways, *episode_ways):
         if not 2 <= count <= len(COLOURS):
             raise ValueError(f"ways must be between 2 and {len(COLOURS)} (one colour a category), got {count}")
@@ -182,7 +183,7 @@ def write_shapes(out: str | Path, seed: int = 0, train: int = 8000, eval: int = 
     if tools:
         from mmgpt.data.tool_chats import tool_chats  # tool chats build on this module's questions
 
-        train_records += tool_chats(writer, rng, tools)
+        train_records += tool_chats(writer, rng, tools, tool)
     rng.shuffle(train_records)
     written = {"train.jsonl": train_records, "eval.jsonl": eval_records}
     if system_rules:
