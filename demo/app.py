@@ -344,7 +344,7 @@ def build_app(model: MMGPT, checkpoint: str, tools: bool = False) -> gr.Blocks:
         use_tools = gr.Checkbox(
             tools, label="tools: zoom", interactive=can_call,
             info="Let the model call zoom (one quadrant of your picture, enlarged) before it answers; each call shows "
-                 "in the chat. For models trained with tool chats (configs/tiny-tools.yaml)." if can_call else
+                 "in the chat. For models trained with zoom chats (README, \"Tool use\")." if can_call else
                  "This model was saved before tool use: it has no tool tokens.")
         gr.ChatInterface(
             responder(model),

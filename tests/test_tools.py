@@ -18,7 +18,8 @@ from mmgpt.data.formats import read_jsonl
 from mmgpt.data.records import RecordError, parse_record
 from mmgpt.data.scenes import ImageWriter, draw_scene, random_scene
 from mmgpt.data.shapes import write_shapes
-from mmgpt.data.tool_chats import COLOUR_NAMES, ZOOM_SCHEMA, colour_names, find_region_chat, find_regions, zoom
+from mmgpt.data.tool_chats import (COLOUR_NAMES, FIND_REGIONS_SCHEMA, FORMS, ZOOM_SCHEMA, colour_names, find_region_chat,
+                                    find_regions, zoom)
 from mmgpt.processing import IGNORE_INDEX
 from mmgpt.tools import ERROR_PREFIX, TOOLS_HEADER, tool_schema
 from mmgpt.train import train
@@ -146,6 +147,9 @@ def test_colours_are_named_by_hue_not_by_any_world_palette():
     picture = Image.new("RGB", (len(swatches), 1))
     picture.putdata(list(swatches))
     assert [COLOUR_NAMES[index] for index in colour_names(picture)[0]] == list(swatches.values())
+    parameters = FIND_REGIONS_SCHEMA["function"]["parameters"]["properties"]
+    assert set(parameters["colour"]["enum"]) == set(COLOUR_NAMES)  # the schema offers exactly what the tool names
+    assert set(parameters["form"]["enum"]) == {name for _, *names in FORMS for name in names}
 
 
 def test_find_regions_measures_each_object_from_pixels_alone():
@@ -164,6 +168,12 @@ def test_find_regions_measures_each_object_from_pixels_alone():
     assert find_regions(picture, colour="red") == find_regions(picture, form="square") == (
         "1 found\nred square, bottom left, 20x20 px")
     assert find_regions(picture, colour="red", form="rectangle") == "0 found"
+    many = Image.new("RGB", (64, 64), (255, 255, 255))
+    for index in range(10):  # ten squares: all counted, eight (the largest) listed
+        left, top = 2 + 12 * (index % 5), 2 + 12 * (index // 5)
+        many.paste((40, 170, 60), (left, top, left + 8, top + 8))
+    count, *lines = find_regions(many).splitlines()
+    assert count == "10 found" and len(lines) == 8
     large = picture.resize((640, 640), Image.Resampling.NEAREST)  # measured at a smaller size, told in its own pixels
     assert find_regions(large) == "2 found\nblue rectangle, top right, 300x100 px\nred square, bottom left, 200x200 px"
 
@@ -361,3 +371,10 @@ def test_tool_chats_train_and_eval_reports_with_and_without_tools(tmp_path, caps
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(len(line["tool_calls"]) <= 2 for line in lines)
     assert result["tools"]["calls"] == pytest.approx(sum(len(line["tool_calls"]) for line in lines) / 14, abs=1e-3)
+
+
+def test_the_data_command_writes_region_chats(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path), "--train", "4", "--eval", "7", "--tools", "3",
+                 "--tool", "find_regions"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [record["tools"][0]["function"]["name"] for record in records if "tools" in record] == ["find_regions"] * 3

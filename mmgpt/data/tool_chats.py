@@ -1,10 +1,10 @@
 """The shapes world's tools, `zoom` and `find_regions`, and training chats in which the assistant uses them.
 
-Both see pixels only. `find_regions` measures the picture's regions of one colour and says what it measured, in
-text: a tool that does the looking for the model, as a calculator does its sums (`find_region_chat`: one call, then
-the answer, for every one-picture question). `zoom` sees pixels only: it crops a quadrant and enlarges it, and knows nothing of the scene. In a tool chat the
-assistant looks at the quadrants in reading order (top left, top right, bottom left, bottom right), where a
-64-pixel picture's object fills the view instead of a quarter of it:
+Both see pixels only and know nothing of the scene. `find_regions` measures the picture's regions of one colour and
+says what it measured, in text: a tool that does the looking for the model, as a calculator does its sums
+(`find_region_chat`: one call, then the answer, for every one-picture question). `zoom` crops a quadrant and enlarges
+it. In a zoom chat the assistant looks at the quadrants in reading order (top left, top right, bottom left, bottom
+right), where a 64-pixel picture's object fills the view instead of a quarter of it:
   colour, presence, position  until the zoomed view shows the object the question names (presence: "no" after
                               all four without it), saying what each other view shows before the next call
                               ("a blue square.", "nothing."); the answer is then read from that view or its place;
@@ -54,7 +54,8 @@ HUE_NAMES = ((15, "red"), (40, "orange"), (70, "yellow"), (165, "green"), (195, 
 COLOUR_NAMES = ("white", "grey", "black", *dict.fromkeys(name for _, name in HUE_NAMES))
 # Forms by how much of its bounding box a region fills (a disc fills pi/4, a triangle half) and how square the box
 # is: the least filling first. Geometry of pixels, as a classical vision tool measures it.
-FORMS = ((0.4, "region", "region"), (0.7, "triangle", "triangle"), (0.9, "circle", "ellipse"), (1.01, "square", "rectangle"))
+FORMS = ((0.4, "region", "region"), (0.7, "triangle", "triangle"), (0.9, "circle", "ellipse"),
+         (1.01, "square", "rectangle"))
 REGION_MIN_SHARE = 0.01  # a region smaller than this share of the picture is noise, not a region
 MAX_REGIONS = 8
 REGION_WORK_SIZE = 96  # larger pictures are measured at this size (nearest-neighbour, so no new colours)
@@ -79,21 +80,21 @@ def _connected(names: np.ndarray, ground: int) -> np.ndarray:
     height, width = names.shape
     big = height * width
     labels = np.where(names != ground, np.arange(big).reshape(height, width), big)
+    padded_names = np.pad(names, 1, constant_values=-1)
+    shifts = ((0, 1), (2, 1), (1, 0), (1, 2))  # the neighbour above, below, left and right
+    same = [padded_names[dy:dy + height, dx:dx + width] == names for dy, dx in shifts]
     while True:
         before = labels
         padded = np.pad(labels, 1, constant_values=big)
-        padded_names = np.pad(names, 1, constant_values=-1)
-        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-            neighbour = padded[dy:dy + height, dx:dx + width]
-            same = padded_names[dy:dy + height, dx:dx + width] == names
-            labels = np.where(same & (labels < big), np.minimum(labels, neighbour), labels)
+        for (dy, dx), alike in zip(shifts, same):
+            labels = np.where(alike & (labels < big), np.minimum(labels, padded[dy:dy + height, dx:dx + width]), labels)
         if np.array_equal(before, labels):
             return np.where(labels == big, -1, labels)
 
 
 def _form(fill: float, aspect: float) -> str:
     """A region's form from the share of its bounding box it fills and the box's width over its height."""
-    upper, square, oblong = next(form for form in FORMS if fill < form[0])
+    _, square, oblong = next(form for form in FORMS if fill < form[0])
     return square if 0.8 <= aspect <= 1.25 else oblong
 
 
@@ -125,9 +126,9 @@ def find_regions(image: Image.Image, colour: str = "", form: str = "") -> str:
             line = (f"{named} {shaped}, {('top', 'bottom')[bottom]} {('left', 'right')[right]}, "
                     f"{round(box_width / scale)}x{round(box_height / scale)} px")
             found.append((area, (bottom, right, rows.mean(), columns.mean()), line))
-    largest = sorted(found, key=lambda region: -region[0])[:MAX_REGIONS]
+    largest = sorted(found, key=lambda region: -region[0])[:MAX_REGIONS]  # all are counted, the largest listed
     lines = [line for _, _, line in sorted(largest, key=lambda region: region[1])]  # in reading order
-    return "\n".join([f"{len(lines)} found", *lines])
+    return "\n".join([f"{len(found)} found", *lines])
 
 
 FIND_REGIONS_SCHEMA = tool_schema(find_regions)
