@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mmgpt.data.clutter import STYLES
 from mmgpt.data.episodes import WORD_FORMS
+from mmgpt.data.tool_chats import CHATS as TOOL_CHATS
 
 
 def _data_shapes(args: argparse.Namespace) -> int:
@@ -310,10 +311,11 @@ def parser() -> argparse.ArgumentParser:
     shapes.add_argument("--tools", type=int, default=0,
                         help="chats offering --tool, added to train.jsonl (`mmgpt.data.tool_chats`); eval.jsonl "
                              "stays the same")
-    shapes.add_argument("--tool", choices=("zoom", "find_regions"), default="zoom",
+    shapes.add_argument("--tool", choices=tuple(TOOL_CHATS), default="zoom",
                         help="zoom: one quadrant enlarged, the assistant looking closer before colour, presence, "
-                             "position and count questions; find_regions: each region of one colour measured (colour, "
-                             "place, size, how much of its box it fills), one call before every one-picture question")
+                             "position and count questions; find_regions: the regions of one colour measured (colour, "
+                             "form, place, size), one call asking for the question's colour and shape before every "
+                             "one-picture question")
     shapes.add_argument("--per-way", type=int, default=5,
                         help="records per category and held-out episode (allows up to per-way - 1 shots)")
     shapes.set_defaults(run=_data_shapes)

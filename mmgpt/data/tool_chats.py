@@ -120,12 +120,13 @@ def find_regions(image: Image.Image, colour: str = "", form: str = "") -> str:
             continue
         rows, columns = np.nonzero(labels == label)
         box_height, box_width = rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
-        bottom, right = int(rows.mean() >= height / 2), int(columns.mean() >= width / 2)
+        row, column = rows.mean(), columns.mean()
+        bottom, right = int(row >= height / 2), int(column >= width / 2)
         named, shaped = COLOUR_NAMES[names.flat[label]], _form(area / (box_width * box_height), box_width / box_height)
         if colour in ("", named) and form in ("", shaped):
             line = (f"{named} {shaped}, {('top', 'bottom')[bottom]} {('left', 'right')[right]}, "
                     f"{round(box_width / scale)}x{round(box_height / scale)} px")
-            found.append((area, (bottom, right, rows.mean(), columns.mean()), line))
+            found.append((area, (bottom, right, row, column), line))
     largest = sorted(found, key=lambda region: -region[0])[:MAX_REGIONS]  # all are counted, the largest listed
     lines = [line for _, _, line in sorted(largest, key=lambda region: region[1])]  # in reading order
     return "\n".join([f"{len(found)} found", *lines])
@@ -206,11 +207,11 @@ def find_region_chat(writer: ImageWriter, rng: random.Random, kind: str | None =
     the colour and shape the question names, a two-picture one at once."""
     kind = kind or rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
     content, picture, _, question, answer = _asked(writer, rng, kind)
-    arguments = {"image": 1, **_filters(question)}
+    filters = _filters(question)
     steps = [] if picture is None else [
-        {"role": "assistant", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "find_regions", "arguments": arguments}}]},
-        {"role": "tool", "name": "find_regions", "content": find_regions(picture, **_filters(question))},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "find_regions", "arguments": {"image": 1, **filters}}}]},
+        {"role": "tool", "name": "find_regions", "content": find_regions(picture, **filters)},
     ]
     messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}, *steps,
                 {"role": "assistant", "content": answer}]
