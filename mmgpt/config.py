@@ -14,6 +14,7 @@ import yaml
 
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 OBJECTIVES = ("next_token", "dpo")
+FLIPS = ("", "h", "v", "hv")  # data.augment_flip: the axes training pictures may be mirrored on
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples each stream of shards shuffles through (format shards)
     skip_bad_records: bool = False  # skip (and count, and report) bad records instead of stopping
     max_length: int = 0  # longest sample in tokens; 0 = the decoder's context length
+    augment_shift: int = 0  # training pictures move up to this many pixels each way (a new picture, the same answers)
+    augment_flip: str = ""  # "h", "v" or "hv": mirror training pictures on these axes, half the time each, and swap
+    # the words for sides with them (left/right, top/bottom, ...); only for sets whose answers survive a mirror
 
 
 @dataclass
@@ -219,6 +223,8 @@ def check_values(config: Config) -> None:
         ("train.dpo_sft_weight", train.dpo_sft_weight, train.dpo_sft_weight >= 0, "0 or more"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
         ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
+        ("data.augment_shift", data.augment_shift, data.augment_shift >= 0, "0 (no moves) or more pixels"),
+        ("data.augment_flip", data.augment_flip, data.augment_flip in FLIPS, f"one of {', '.join(map(repr, FLIPS))}"),
         ("model.projector_shuffle_factor", config.model.projector_shuffle_factor,
          config.model.projector_shuffle_factor >= 1, "at least 1"),
         ("model.projector_pool_size", config.model.projector_pool_size, config.model.projector_pool_size >= 0,
@@ -230,6 +236,9 @@ def check_values(config: Config) -> None:
     if train.objective == "dpo" and not config.model.init_from:
         raise ConfigError("train.objective=dpo needs model.init_from: the saved model to start from, which is also the "
                           "frozen reference the policy is measured against")
+    if train.objective == "dpo" and (data.augment_shift or data.augment_flip):
+        raise ConfigError("data.augment_shift and data.augment_flip augment chats and documents, not preference pairs "
+                          "(train.objective=dpo)")
     if train.objective == "dpo" and train.packing:
         raise ConfigError("train.packing does not apply to train.objective=dpo (each pair is two padded rows); set "
                           "train.packing=false")

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mmgpt import checkpoint
 from mmgpt.build import build, load_saved
 from mmgpt.config import Config, ConfigError, check_values
+from mmgpt.data.augment import Augment
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
 from mmgpt.data.loader import (
@@ -246,7 +247,13 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     max_length = config.data.max_length or model.config.text_config.max_position_embeddings
     dpo = config.train.objective == "dpo"
     make_set = PairDataset if dpo else EncodedDataset
-    train_set = make_set([] if stream else train_samples, processor, max_length, config.data.skip_bad_records)
+    augment = Augment(config.data.augment_shift, config.data.augment_flip, config.seed)
+    if augment.active and stream:
+        raise ConfigError("data.augment_shift and data.augment_flip work on a training set read whole (JSONL, LLaVA "
+                          "JSON, a Hugging Face dataset), not on a stream of shards")
+    train_set = (PairDataset(train_samples, processor, max_length, config.data.skip_bad_records) if dpo else
+                 EncodedDataset([] if stream else train_samples, processor, max_length, config.data.skip_bad_records,
+                                augment))
     eval_set = make_set(eval_samples, processor, max_length, config.data.skip_bad_records)
     collate_fn = collate_pairs if dpo else None
     reference = None
@@ -266,6 +273,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         f"{config.train.batch_size} = {world} process(es) x "
         f"{accum} accumulation step(s) x {micro_size}"
     )
+    if augment.active:
+        log(f"augment: {augment.describe()}")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -388,7 +397,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                               packing=config.train.packing)
     else:
         sampler = StepSampler(train_set.lengths, config.train.batch_size, config.seed, step, config.train.max_steps,
-                              world, accum, rank)
+                              world, accum, rank, with_step=augment.active)
         loader = batch_loader(train_set, sampler, processor.special.pad, workers, accelerator.device,
                               packing=config.train.packing, collate_fn=collate_fn)
     with _StopFlag() as stop, running(loader) as batches:

@@ -7,6 +7,7 @@ import sys
 
 from torch.utils.data import Dataset
 
+from mmgpt.data.augment import Augment, mirror_sample
 from mmgpt.data.records import RecordError, Sample
 from mmgpt.processing import Encoded, MMGPTProcessor
 
@@ -21,15 +22,22 @@ def check_tokens(sample: Sample, ids: list[int], labels: list[int], max_length: 
 
 
 class EncodedDataset(Dataset):
-    """Tokenised samples whose images are loaded when a batch asks for them."""
+    """Tokenised samples whose images are loaded when a batch asks for them. With `augment`, items are asked for
+    as (index, step) and come moved or mirrored as drawn for that step; a mirrored sample's text is tokenised up
+    front too (its side words swapped), for each way it can be mirrored."""
 
-    def __init__(self, samples: list[Sample], processor: MMGPTProcessor, max_length: int, skip_bad: bool = False):
-        self.processor = processor
-        self.samples, self.tokens, self.skipped = [], [], []
+    def __init__(self, samples: list[Sample], processor: MMGPTProcessor, max_length: int, skip_bad: bool = False,
+                 augment: Augment | None = None):
+        self.processor, self.augment = processor, augment if augment and augment.active else None
+        mirrorings = [axes for axes in ("h", "v", "hv") if self.augment and set(axes) <= set(self.augment.flip)]
+        self.samples, self.tokens, self.mirrored, self.skipped = [], [], [], []
         for sample in samples:
             ids, labels, images = processor.tokenize(sample)
             try:
                 check_tokens(sample, ids, labels, max_length)
+                variants = {axes: processor.tokenize(mirror_sample(sample, axes))[:2] for axes in mirrorings}
+                for variant_ids, variant_labels in variants.values():
+                    check_tokens(sample, variant_ids, variant_labels, max_length)
             except RecordError as error:
                 if not skip_bad:
                     raise
@@ -37,14 +45,22 @@ class EncodedDataset(Dataset):
                 continue
             self.samples.append(sample)
             self.tokens.append((ids, labels, images))
+            self.mirrored.append(variants)
         self.lengths = tuple(len(ids) for ids, _, _ in self.tokens)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Encoded:
+    def __getitem__(self, key: int | tuple[int, int]) -> Encoded:
+        index, step = key if isinstance(key, tuple) else (key, None)
         ids, labels, images = self.tokens[index]
-        return Encoded(ids, labels, self.processor.pixel_values(images, self.samples[index].source))
+        pixels = self.processor.pixel_values(images, self.samples[index].source)
+        if self.augment is None or step is None:
+            return Encoded(ids, labels, pixels)
+        axes, dx, dy = self.augment.draw(step, index)
+        if axes:
+            ids, labels = self.mirrored[index][axes]
+        return Encoded(ids, labels, None if pixels is None else Augment.pixels(pixels, axes, dx, dy))
 
 
 class SampleEncoder:

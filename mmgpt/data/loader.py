@@ -60,19 +60,22 @@ def _epoch_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: 
     return [batches[i] for i in torch.randperm(per_epoch, generator=generator).tolist()]
 
 
-class StepSampler(Sampler[list[int]]):
-    """This process's micro-batches of steps `first_step` .. `last_step - 1`, in training order."""
+class StepSampler(Sampler[list]):
+    """This process's micro-batches of steps `first_step` .. `last_step - 1`, in training order; with `with_step`,
+    each index comes as (index, step), for a data set that augments as drawn for the step."""
 
     def __init__(self, lengths: tuple[int, ...], batch_size: int, seed: int, first_step: int, last_step: int,
-                 num_processes: int = 1, accum: int = 1, rank: int = 0):
+                 num_processes: int = 1, accum: int = 1, rank: int = 0, with_step: bool = False):
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.first_step, self.last_step = first_step, last_step
         self.num_processes, self.accum, self.rank = num_processes, accum, rank
+        self.with_step = with_step
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         for step in range(self.first_step, self.last_step):
             batch = batch_indices(self.lengths, self.batch_size, self.seed, step)
-            yield from split_for_process(batch, self.num_processes, self.accum, self.rank)
+            for micro_batch in split_for_process(batch, self.num_processes, self.accum, self.rank):
+                yield [(index, step) for index in micro_batch] if self.with_step else micro_batch
 
     def __len__(self) -> int:
         return (self.last_step - self.first_step) * self.accum
