@@ -140,6 +140,7 @@ def composite_config(config: ModelConfig, text_config: PretrainedConfig, image_t
         vision_pretrained=config.vision.pretrained,
         vision_fused_attention=config.vision.fused_attention,
         vision_conv_stem=config.vision.conv_stem,
+        vision_conv_stem_depth=config.vision.conv_stem_depth,
         text_pretrained=config.text.pretrained,
         text_attn_implementation=config.text.attn_implementation,
         projector_shuffle_factor=config.projector_shuffle_factor,

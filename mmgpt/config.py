@@ -42,6 +42,7 @@ class VisionConfig:
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
     fused_attention: bool = True  # false: timm's plain attention (faster backward for tiny ViTs on CPU)
     conv_stem: bool = False  # true: stride-2 convolutions instead of a linear patchify (for ViTs trained from scratch)
+    conv_stem_depth: int = 1  # convolutions a stage of the conv stem: 2 widens what a patch sees (small objects)
 
 
 @dataclass
@@ -221,6 +222,8 @@ def check_values(config: Config) -> None:
         ("train.objective", train.objective, train.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("train.dpo_beta", train.dpo_beta, train.dpo_beta > 0, "above 0"),
         ("train.dpo_sft_weight", train.dpo_sft_weight, train.dpo_sft_weight >= 0, "0 or more"),
+        ("model.vision.conv_stem_depth", config.model.vision.conv_stem_depth, config.model.vision.conv_stem_depth >= 1,
+         "at least 1"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
         ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
         ("data.augment_shift", data.augment_shift, data.augment_shift >= 0, "0 (no moves) or more pixels"),

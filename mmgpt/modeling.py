@@ -45,6 +45,7 @@ class MMGPTConfig(PretrainedConfig):
     vision_pretrained: str = ""
     vision_fused_attention: bool = True
     vision_conv_stem: bool = False
+    vision_conv_stem_depth: int = 1
     text_pretrained: str = ""
     text_attn_implementation: str = ""  # "" = transformers' default for the decoder; "eager" is fastest for tiny ones
     projector_shuffle_factor: int = 1
@@ -76,7 +77,8 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MMGPTConfig):
         super().__init__(config)
         self.vision = VisionEncoder(
-            config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention, config.vision_conv_stem
+            config.vision_model_name, config.vision_kwargs, "", config.vision_fused_attention, config.vision_conv_stem,
+            config.vision_conv_stem_depth,
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, **self._attention_kwargs(config))
         self.projector = Projector(
@@ -104,6 +106,7 @@ class MMGPTForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 config.vision_pretrained,
                 config.vision_fused_attention,
                 config.vision_conv_stem,
+                config.vision_conv_stem_depth,
             )
         if config.text_pretrained:
             model.language_model = AutoModelForCausalLM.from_pretrained(

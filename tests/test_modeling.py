@@ -328,3 +328,32 @@ def test_packed_samples_see_only_themselves(shapes_dir, tmp_path, decoder):
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
     for name in padded_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_conv_stem_depth_widens_what_a_patch_sees_and_is_saved(shapes_dir, tmp_path):
+    """model.vision.conv_stem_depth 2: a pixel in column 18 reaches the first patch's embedding (columns 0-7; one
+    convolution a stage sees up to column 7, two up to column 21); the patch grid is the same, and a saved model
+    comes back with its stem."""
+    from mmgpt.build import build
+    from conftest import tiny_config
+
+    def patch_embeddings(depth: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+        config = tiny_config(shapes_dir, tmp_path, "model.vision.conv_stem=true", f"model.vision.conv_stem_depth={depth}")
+        model = build(config.model, ["a red circle"])[1].eval()
+        pixels = torch.zeros(1, 3, 32, 32)
+        nudged = pixels.clone()
+        nudged[..., 3, 18] = 1.0
+        embed = model.vision.vit.patch_embed
+        return model, embed(pixels)[0, 0], embed(nudged)[0, 0]
+
+    narrow, before, after = patch_embeddings(1)
+    torch.testing.assert_close(before, after)
+    wide, before, after = patch_embeddings(2)
+    assert not torch.allclose(before, after)
+    assert wide.vision.grid_size == narrow.vision.grid_size
+    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in wide.vision.vit.patch_embed.modules())
+    assert convolutions == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in narrow.vision.vit.patch_embed.modules()) - 1
+    wide.save_pretrained(tmp_path / "saved")
+    loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(loaded.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)),
+                               wide.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)))
