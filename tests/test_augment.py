@@ -30,6 +30,7 @@ def test_side_words_swap_on_their_axis_only_and_keep_their_case():
     assert mirror_text(text, "h") == "Is the red circle on the Right or the left? Top right, bottom-left; a lefty is above."
     assert mirror_text(text, "v") == "Is the red circle on the Left or the right? Bottom left, top-right; a lefty is below."
     assert mirror_text(text, "") == text
+    assert mirror_text("TOP LEFT", "hv") == "BOTTOM RIGHT"  # answers in capitals, under a system rule
 
 
 def test_a_mirrored_picture_and_its_mirrored_answer_agree():

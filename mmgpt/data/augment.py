@@ -39,6 +39,8 @@ def mirror_text(text: str, axes: str) -> str:
     def swapped(match: re.Match) -> str:
         word = match.group(0)
         other = swap[word.lower()]
+        if word.isupper() and len(word) > 1:
+            return other.upper()
         return other.capitalize() if word[0].isupper() else other
 
     return pattern.sub(swapped, text)
