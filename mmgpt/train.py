@@ -251,9 +251,11 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     if augment.active and stream:
         raise ConfigError("data.augment_shift and data.augment_flip work on a training set read whole (JSONL, LLaVA "
                           "JSON, a Hugging Face dataset), not on a stream of shards")
-    train_set = (PairDataset(train_samples, processor, max_length, config.data.skip_bad_records) if dpo else
-                 EncodedDataset([] if stream else train_samples, processor, max_length, config.data.skip_bad_records,
-                                augment))
+    if dpo:
+        train_set = PairDataset(train_samples, processor, max_length, config.data.skip_bad_records)
+    else:
+        train_set = EncodedDataset([] if stream else train_samples, processor, max_length,
+                                   config.data.skip_bad_records, augment)
     eval_set = make_set(eval_samples, processor, max_length, config.data.skip_bad_records)
     collate_fn = collate_pairs if dpo else None
     reference = None

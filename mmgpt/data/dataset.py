@@ -23,8 +23,8 @@ def check_tokens(sample: Sample, ids: list[int], labels: list[int], max_length: 
 
 class EncodedDataset(Dataset):
     """Tokenised samples whose images are loaded when a batch asks for them. With `augment`, items are asked for
-    as (index, step) and come moved or mirrored as drawn for that step; a mirrored sample's text is tokenised up
-    front too (its side words swapped), for each way it can be mirrored."""
+    as (index, step) and come moved or mirrored as drawn for that step; a sample whose text names a side is
+    tokenised up front mirrored too (its side words swapped), for each way it can be mirrored."""
 
     def __init__(self, samples: list[Sample], processor: MMGPTProcessor, max_length: int, skip_bad: bool = False,
                  augment: Augment | None = None):
@@ -35,7 +35,8 @@ class EncodedDataset(Dataset):
             ids, labels, images = processor.tokenize(sample)
             try:
                 check_tokens(sample, ids, labels, max_length)
-                variants = {axes: processor.tokenize(mirror_sample(sample, axes))[:2] for axes in mirrorings}
+                mirrored = {axes: mirror_sample(sample, axes) for axes in mirrorings}
+                variants = {axes: processor.tokenize(text)[:2] for axes, text in mirrored.items() if text != sample}
                 for variant_ids, variant_labels in variants.values():
                     check_tokens(sample, variant_ids, variant_labels, max_length)
             except RecordError as error:
@@ -58,8 +59,7 @@ class EncodedDataset(Dataset):
         if self.augment is None or step is None:
             return Encoded(ids, labels, pixels)
         axes, dx, dy = self.augment.draw(step, index)
-        if axes:
-            ids, labels = self.mirrored[index][axes]
+        ids, labels = self.mirrored[index].get(axes, (ids, labels))  # only samples whose text names a side change
         return Encoded(ids, labels, None if pixels is None else Augment.pixels(pixels, axes, dx, dy))
 
 
