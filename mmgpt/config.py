@@ -105,6 +105,7 @@ class TrainConfig:
     objective: str = "next_token"  # next_token, or dpo: preference pairs (mmgpt/data/pairs.py), model.init_from the reference
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less far)
     dpo_sft_weight: float = 0.0  # DPO: plus this times the chosen reply's mean next-token loss (RPO), so it stays likely
+    answer_loss_weight: float = 0.0  # >0: plus this times a loss predicting answers from the ViT by a short path (mmgpt/answer_head.py)
 
 
 @dataclass
@@ -222,6 +223,7 @@ def check_values(config: Config) -> None:
         ("train.objective", train.objective, train.objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
         ("train.dpo_beta", train.dpo_beta, train.dpo_beta > 0, "above 0"),
         ("train.dpo_sft_weight", train.dpo_sft_weight, train.dpo_sft_weight >= 0, "0 or more"),
+        ("train.answer_loss_weight", train.answer_loss_weight, train.answer_loss_weight >= 0, "0 (off) or more"),
         ("model.vision.conv_stem_depth", config.model.vision.conv_stem_depth, config.model.vision.conv_stem_depth >= 1,
          "at least 1"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
@@ -245,6 +247,10 @@ def check_values(config: Config) -> None:
     if train.objective == "dpo" and train.packing:
         raise ConfigError("train.packing does not apply to train.objective=dpo (each pair is two padded rows); set "
                           "train.packing=false")
+    if train.answer_loss_weight and (train.objective == "dpo" or train.packing or "vision" in train.freeze):
+        raise ConfigError("train.answer_loss_weight trains the ViT by a short path from the answers: it needs "
+                          "train.objective=next_token, padded batches (train.packing=false) and the vision tower "
+                          "trained (not in train.freeze)")
     for name, multiplier in train.lr_multipliers.items():
         if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool) or multiplier < 0:
             raise ConfigError(f"config key 'train.lr_multipliers.{name}' must be a number, 0 or more, got {multiplier!r}")

@@ -24,6 +24,7 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from mmgpt import checkpoint
+from mmgpt.answer_head import AnswerHead
 from mmgpt.build import build, load_saved
 from mmgpt.config import Config, ConfigError, check_values
 from mmgpt.data.augment import Augment
@@ -268,6 +269,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
 
     groups = parameter_groups(model, config)
     costs = ModelCosts.of(model)
+    answer_head, seen = None, {}
+    answer_stats = torch.zeros(2, device=accelerator.device)  # summed answer loss and answer count since the last log
+    if config.train.answer_loss_weight:
+        answer_head = AnswerHead(model.vision.width, model.config.text_config.vocab_size, model.config.image_token_id,
+                                 model.num_image_tokens)
+        groups.append({"params": list(answer_head.parameters()), "lr": config.train.lr,
+                       "weight_decay": config.train.weight_decay})
+        model.vision.register_forward_hook(lambda module, inputs, features: seen.update(features=features))
     log(
         f"data: {train_count} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
         f"parameters ({costs.trainable / 1e6:.2f}M trained), {model.num_image_tokens} tokens per image; "
@@ -277,10 +286,15 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     )
     if augment.active:
         log(f"augment: {augment.describe()}")
+    if answer_head is not None:
+        log(f"answer loss: {config.train.answer_loss_weight} x the first answer tokens' cross-entropy from the ViT's "
+            "features by a short path (the head is not saved with the model)")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if answer_head is not None:
+        answer_head = accelerator.prepare_model(answer_head)  # its state travels in the checkpoints, for resuming
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)  # on the device, under autocast
 
@@ -292,6 +306,18 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             return model(**batch, num_items_in_batch=normaliser).loss, None
         loss_sum, stats = dpo_step(model, reference, batch, config.train.dpo_beta, config.train.dpo_sft_weight)
         return loss_sum / normaliser, stats
+
+    def answer_term(batch: dict[str, torch.Tensor], normaliser: torch.Tensor) -> torch.Tensor:
+        """The weighted answer loss of the micro-batch the model has just seen, over the main loss's normaliser, so
+        that its gradient too is the same on 1 process or N."""
+        features = seen.pop("features", None)
+        if features is None:  # a batch without pictures
+            return torch.zeros((), device=accelerator.device)
+        answer_loss, answers = answer_head(features, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        answer_stats[0] += answer_loss.detach().float()
+        answer_stats[1] += answers
+        return config.train.answer_loss_weight * answer_loss / normaliser
+
     peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 
     workers = config.train.num_workers
@@ -417,11 +443,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                     loss, stats = objective(batch, config.train.batch_size if dpo else global_tokens)
                     if stats is not None:
                         stats_sum += stats
+                    trained_on = loss + answer_term(batch, global_tokens) if answer_head is not None else loss
                     # DDP/FSDP average gradients over processes and accelerate divides by the accumulation steps:
                     # scale back up so the gradients are those of the global sum above.
-                    accelerator.backward(loss * world * accum)
+                    accelerator.backward(trained_on * world * accum)
                     loss_sum += loss.detach().float()
             norm = accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
+            if answer_head is not None:
+                torch.nn.utils.clip_grad_norm_(answer_head.parameters(), config.train.max_grad_norm)
             grad_norm = None if norm is None else float(norm)  # DeepSpeed clips (and reports) inside its own step
             mean_loss = float(accelerator.reduce(loss_sum, "sum"))
             if accelerator.scaler is not None:
@@ -448,6 +477,10 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                       "tokens_per_s": int(tokens) / step_seconds, "tflops_per_s": flops_per_s / 1e12}
             if peak_flops:
                 record["mfu"] = flops_per_s / (peak_flops * world)
+            if answer_head is not None:
+                answer_sum, answer_count = accelerator.reduce(answer_stats, "sum").tolist()
+                record["answer_loss"] = answer_sum / max(answer_count, 1)
+                answer_stats.zero_()
             if dpo:
                 stats_mean = accelerator.reduce(stats_sum, "sum") / config.train.batch_size
                 record.update({name: float(value) for name, value in zip(STATS[1:], stats_mean[1:])})
