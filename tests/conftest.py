@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from mmgpt.build import build
 from mmgpt.config import Config, load_config
 from mmgpt.data.formats import read_jsonl
 from mmgpt.data.shapes import write_shapes
+from mmgpt.train import train
 
 TINY_OVERRIDES = [
     "model.vision.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}",
@@ -23,6 +27,23 @@ TINY_OVERRIDES = [
     "train.eval_batches=1",
     "train.mixed_precision=no",
 ]
+
+
+def losses(output_dir: Path) -> list[float]:
+    """The training loss of each step, from a run's metrics."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+def stop_at_step_3_and_resume(config_for: Callable[[], Config]) -> None:
+    """Train until Ctrl-C at step 3, then run the same config again, which resumes it."""
+
+    def press_ctrl_c_at_step_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(config_for(), on_step=press_ctrl_c_at_step_3).step == 3
+    train(config_for())
 
 
 def training_episodes(folder: Path) -> list[dict]:

@@ -4,21 +4,19 @@ short path, and keeps training exact (accumulation, resume) as the main loss doe
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 from PIL import Image
 
 from mmgpt.answer_head import answers_after_pictures
-from mmgpt.config import ConfigError, load_config
+from mmgpt.config import ConfigError
 from mmgpt.data.collate import collate
 from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.records import Sample, Segment, Turn
 from mmgpt.train import train
 
-from conftest import tiny_config
+from conftest import losses, stop_at_step_3_and_resume, tiny_config
 
 
 def chat(*turns: tuple[str, list]) -> Sample:
@@ -84,16 +82,9 @@ def test_with_the_answer_loss_accumulation_and_resume_stay_exact(shapes_dir, tmp
 
     overrides = ["train.max_steps=6", "train.save_every=100", "train.eval_every=100", weight]
 
-    def press_ctrl_c_at_step_3(step, record):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides), on_step=press_ctrl_c_at_step_3).step == 3
-    train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
+    stop_at_step_3_and_resume(lambda: tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
     train(tiny_config(shapes_dir, tmp_path / "straight", *overrides))
-    resumed, straight = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-                         for name in ("resumed", "straight"))
-    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in straight if "loss" in r]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
 @pytest.mark.parametrize("setting", ["train.packing=true", "train.freeze=[vision]", "train.answer_loss_weight=-1"])

@@ -1,9 +1,6 @@
 """Streaming shards: written with images inside, read back as the same samples, split over processes and workers
 with no duplicates, resumed exactly, and with start-up and memory that do not grow with the set."""
 
-import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +12,7 @@ from mmgpt.data.formats import read_jsonl, read_samples
 from mmgpt.data.shards import ShardStream, batches_from_worker, shard_index
 from mmgpt.train import TrainingError, train
 
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, losses, stop_at_step_3_and_resume, tiny_config
 from test_formats import as_text
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-shapes.yaml"
@@ -24,11 +21,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-shapes.yaml"
 def shard(source, out, size):
     assert main(["data", "shard", str(source), "--out", str(out), "--shard-size", str(size)]) == 0
     return out
-
-
-def losses(output_dir):
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
 
 
 def test_shards_hold_the_images_and_read_back_as_the_same_samples(shapes_dir, tmp_path):
@@ -63,12 +55,7 @@ def test_stream_resumes_exactly_with_workers(shapes_dir, tmp_path):
     overrides = [f"data.train={folder}", "train.max_steps=6", "train.save_every=100", "train.num_workers=2",
                  "data.shuffle_buffer=6", "model.text.config.resid_pdrop=0.1"]
 
-    def press_ctrl_c_at_step_3(step, record):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides), on_step=press_ctrl_c_at_step_3).step == 3
-    train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
+    stop_at_step_3_and_resume(lambda: tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
     train(tiny_config(shapes_dir, tmp_path / "straight", *overrides))
     assert len(losses(tmp_path / "resumed")) == 6
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

@@ -16,12 +16,7 @@ from mmgpt.config import load_config
 from mmgpt.evaluate import normalise, read_eval_items
 from mmgpt.train import train
 
-from conftest import tiny_config
-
-
-def losses(output_dir):
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+from conftest import losses, stop_at_step_3_and_resume, tiny_config
 
 
 def test_resume_after_ctrl_c_continues_with_the_same_losses(shapes_dir, tmp_path):
@@ -50,12 +45,7 @@ def test_resume_with_decoding_workers_continues_with_the_same_losses(shapes_dir,
     run that never stopped, and as one that decodes in the training process."""
     overrides = ["train.max_steps=6", "train.save_every=100", "train.eval_every=3", "train.num_workers=2"]
 
-    def press_ctrl_c_at_step_3(step, record):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    assert train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides), on_step=press_ctrl_c_at_step_3).step == 3
-    train(tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
+    stop_at_step_3_and_resume(lambda: tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
     train(tiny_config(shapes_dir, tmp_path / "in-process", *overrides, "train.num_workers=0"))
     assert len(losses(tmp_path / "resumed")) == 6
     assert losses(tmp_path / "resumed") == losses(tmp_path / "in-process")
