@@ -63,15 +63,22 @@ class AnswerHead(nn.Module):
             input_ids, labels, attention_mask, self.image_token_id, self.num_image_tokens)
         if rows.numel() == 0:
             return image_features.sum() * 0.0, 0
-        mask = question.unsqueeze(-1).to(image_features.dtype)
-        words = (self.words(input_ids[rows]) * mask).sum(1) / mask.sum(1).clamp(min=1)
-        query = self.question_norm(words)
-        tokens = self.image_norm(image_features[picture])
-        count, patches = tokens.shape[:2]
-        keys = self.key(tokens).view(count, patches, HEADS, -1)
-        values = self.value(tokens).view(count, patches, HEADS, -1)
-        scores = torch.einsum("nphd,nhd->nph", keys, self.query(query).view(count, HEADS, -1)) / math.sqrt(keys.shape[-1])
-        picked = torch.einsum("nph,nphd->nhd", scores.softmax(1), values).reshape(count, WIDTH)
-        counted = torch.einsum("nph,nphd->nhd", torch.sigmoid(scores), values).reshape(count, WIDTH) / patches
+        answer, position = question.nonzero(as_tuple=True)  # each question word once: no copy of a row an answer
+        words = self.words(input_ids[rows[answer], position])
+        summed = words.new_zeros(len(rows), words.shape[-1]).index_add_(0, answer, words)
+        query = self.question_norm(summed / question.sum(1, keepdim=True).clamp(min=1))
+        tokens = self.image_norm(image_features)
+        pictures, patches = tokens.shape[:2]
+        keys = self.key(tokens).view(pictures, patches, HEADS, -1)
+        values = self.value(tokens).view(pictures, patches, HEADS, -1)
+        # Each picture's questions side by side (picture indices come in order), so that attention is one batched
+        # product a picture: the patch features are never copied once an answer.
+        per_picture = torch.bincount(picture, minlength=pictures)
+        slot = torch.arange(len(picture), device=picture.device) - (per_picture.cumsum(0) - per_picture)[picture]
+        queries = keys.new_zeros(pictures, int(per_picture.max()), HEADS, keys.shape[-1])
+        queries[picture, slot] = self.query(query).view(-1, HEADS, keys.shape[-1]).to(keys.dtype)
+        scores = torch.einsum("pahd,pkhd->pakh", queries, keys) / math.sqrt(keys.shape[-1])
+        picked = torch.einsum("pakh,pkhd->pahd", scores.softmax(2), values)[picture, slot].flatten(1)
+        counted = torch.einsum("pakh,pkhd->pahd", torch.sigmoid(scores), values)[picture, slot].flatten(1) / patches
         logits = self.out(torch.cat([picked, counted, query], -1))
-        return F.cross_entropy(logits.float(), first_token, reduction="sum"), count
+        return F.cross_entropy(logits.float(), first_token, reduction="sum"), len(rows)
