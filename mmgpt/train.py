@@ -223,6 +223,10 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     )
     world, rank = accelerator.num_processes, accelerator.process_index
     _check_launch(accelerator, accum)
+    if config.train.answer_loss_weight and accelerator.distributed_type in (DistributedType.FSDP,
+                                                                             DistributedType.DEEPSPEED):
+        raise ConfigError(f"train.answer_loss_weight trains a second, small model beside this one, which runs on one "
+                          f"process or under DDP, not under {accelerator.distributed_type.value}")
     micro_size = micro_batch_size(config.train.batch_size, world, accum)
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
@@ -272,7 +276,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     answer_head, seen = None, {}
     answer_stats = torch.zeros(2, device=accelerator.device)  # summed answer loss and answer count since the last log
     if config.train.answer_loss_weight:
-        answer_head = AnswerHead(model.vision.width, model.config.text_config.vocab_size, model.config.image_token_id,
+        vision_width = model.vision.width
+        answer_head = AnswerHead(vision_width, model.config.text_config.vocab_size, model.config.image_token_id,
                                  model.num_image_tokens)
         groups.append({"params": list(answer_head.parameters()), "lr": config.train.lr,
                        "weight_decay": config.train.weight_decay})
@@ -311,8 +316,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         """The weighted answer loss of the micro-batch the model has just seen, over the main loss's normaliser, so
         that its gradient too is the same on 1 process or N."""
         features = seen.pop("features", None)
-        if features is None:  # a batch without pictures
-            return torch.zeros((), device=accelerator.device)
+        if features is None:  # a batch without pictures: no answers for the head, which still takes part
+            features = torch.zeros(0, 1, vision_width, device=accelerator.device)
         answer_loss, answers = answer_head(features, batch["input_ids"], batch["labels"], batch["attention_mask"])
         answer_stats[0] += answer_loss.detach().float()
         answer_stats[1] += answers
