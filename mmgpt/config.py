@@ -105,7 +105,7 @@ class TrainConfig:
     objective: str = "next_token"  # next_token, or dpo: preference pairs (mmgpt/data/pairs.py), model.init_from the reference
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less far)
     dpo_sft_weight: float = 0.0  # DPO: plus this times the chosen reply's mean next-token loss (RPO), so it stays likely
-    answer_loss_weight: float = 0.0  # >0: plus this times a loss predicting answers from the ViT by a short path (mmgpt/answer_head.py)
+    answer_loss_weight: float = 0.0  # >0: plus this times a loss from the answers to the ViT by a short path (answer_head.py)
 
 
 @dataclass
