@@ -281,7 +281,8 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                                  model.num_image_tokens)
         groups.append({"params": list(answer_head.parameters()), "lr": config.train.lr,
                        "weight_decay": config.train.weight_decay})
-        model.vision.register_forward_hook(lambda module, inputs, features: seen.update(features=features))
+        model.vision.register_forward_hook(  # training forwards only: an eval batch's features would linger
+            lambda module, inputs, features: seen.update(features=features) if module.training else None)
     log(
         f"data: {train_count} training and {len(eval_set)} eval samples; model: {costs.parameters / 1e6:.2f}M "
         f"parameters ({costs.trainable / 1e6:.2f}M trained), {model.num_image_tokens} tokens per image; "

@@ -99,8 +99,8 @@ def test_cli_writes_both_styles_and_refuses_an_unknown_one(tmp_path, capsys):
 
 
 def test_tiny_vqa_recipe_trains_and_evaluates_on_a_clutter_set(tmp_path, capsys):
-    """configs/tiny-vqa.yaml as documented, shrunk: its trained conv-stem ViT and its augmentation, on a clutter set,
-    then the held-out eval with the blind baseline per kind."""
+    """configs/tiny-vqa.yaml as documented, shrunk: its trained conv-stem ViT, augmentation and answer loss, on a
+    clutter set, then the held-out eval with the blind baseline per kind."""
     from conftest import TINY_OVERRIDES
 
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny-vqa.yaml"
@@ -108,7 +108,9 @@ def test_tiny_vqa_recipe_trains_and_evaluates_on_a_clutter_set(tmp_path, capsys)
     settings = [*TINY_OVERRIDES, f"data.train={tmp_path / 'set/train.jsonl'}", f"data.eval={tmp_path / 'set/eval.jsonl'}",
                 "train.max_steps=4", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", str(config), "--set", *settings]) in (None, 0)
-    assert "augment: pictures moved up to 4 px, mirrored left-right and top-bottom" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "augment: pictures moved up to 4 px, mirrored left-right and top-bottom" in log
+    assert "answer loss: 1.0 x" in log
     saved = json.loads((tmp_path / "run/final/config.json").read_text())
     assert saved["vision_conv_stem"] is True
     assert main(["eval", str(tmp_path / "run/final"), "--data", str(tmp_path / "set/eval.jsonl"),

@@ -36,7 +36,8 @@ class EncodedDataset(Dataset):
             try:
                 check_tokens(sample, ids, labels, max_length)
                 mirrored = {axes: mirror_sample(sample, axes) for axes in mirrorings}
-                variants = {axes: processor.tokenize(text)[:2] for axes, text in mirrored.items() if text != sample}
+                variants = {axes: processor.tokenize(flipped)[:2] for axes, flipped in mirrored.items()
+                            if flipped != sample}
                 for variant_ids, variant_labels in variants.values():
                     check_tokens(sample, variant_ids, variant_labels, max_length)
             except RecordError as error:
