@@ -106,6 +106,7 @@ class TrainConfig:
     dpo_beta: float = 0.1  # DPO: how far the policy may move from the reference (larger: less far)
     dpo_sft_weight: float = 0.0  # DPO: plus this times the chosen reply's mean next-token loss (RPO), so it stays likely
     answer_loss_weight: float = 0.0  # >0: plus this times a loss from the answers to the ViT by a short path (answer_head.py)
+    vision_warmup_steps: int = 0  # first steps: the ViT learns by the answer loss alone, the decoder not run (cheap)
 
 
 @dataclass
@@ -224,6 +225,8 @@ def check_values(config: Config) -> None:
         ("train.dpo_beta", train.dpo_beta, train.dpo_beta > 0, "above 0"),
         ("train.dpo_sft_weight", train.dpo_sft_weight, train.dpo_sft_weight >= 0, "0 or more"),
         ("train.answer_loss_weight", train.answer_loss_weight, train.answer_loss_weight >= 0, "0 (off) or more"),
+        ("train.vision_warmup_steps", train.vision_warmup_steps, 0 <= train.vision_warmup_steps < train.max_steps,
+         "0 (off) or more, and fewer than train.max_steps"),
         ("model.vision.conv_stem_depth", config.model.vision.conv_stem_depth, config.model.vision.conv_stem_depth >= 1,
          "at least 1"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
@@ -251,6 +254,9 @@ def check_values(config: Config) -> None:
         raise ConfigError("train.answer_loss_weight trains the ViT by a short path from the answers: it needs "
                           "train.objective=next_token, padded batches (train.packing=false) and the vision tower "
                           "trained (not in train.freeze)")
+    if train.vision_warmup_steps and not train.answer_loss_weight:
+        raise ConfigError("train.vision_warmup_steps trains the ViT by the answer loss alone: set "
+                          "train.answer_loss_weight above 0 too")
     for name, multiplier in train.lr_multipliers.items():
         if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool) or multiplier < 0:
             raise ConfigError(f"config key 'train.lr_multipliers.{name}' must be a number, 0 or more, got {multiplier!r}")

@@ -75,6 +75,12 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[i
     return factor
 
 
+def starting_at(first: int, factor: Callable[[int], float]) -> Callable[[int], float]:
+    """`factor`'s schedule for a part of the model that starts training at step `first` (after the vision
+    warm-up): nothing before it, then its own warm-up and decay, as if the run began there."""
+    return lambda step: 0.0 if step < first else factor(step - first)
+
+
 def parameter_groups(model: MMGPTForConditionalGeneration, config: Config) -> list[dict]:
     """Freeze the named modules; in towers with LoRA adapters train the adapters only; give each trainable module
     its learning rate, no weight decay on 1-D weights."""
@@ -94,8 +100,8 @@ def parameter_groups(model: MMGPTForConditionalGeneration, config: Config) -> li
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        groups.append({"params": decay, "lr": lr, "weight_decay": config.train.weight_decay})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+        groups.append({"params": decay, "lr": lr, "weight_decay": config.train.weight_decay, "module": name})
+        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "module": name})
     return [g for g in groups if g["params"]]
 
 
@@ -295,9 +301,18 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     if answer_head is not None:
         log(f"answer loss: {config.train.answer_loss_weight} x the first answer tokens' cross-entropy from the ViT's "
             "features by a short path (the head is not saved with the model)")
+    if config.train.vision_warmup_steps:
+        log(f"vision warm-up: steps 1-{config.train.vision_warmup_steps} train the ViT by the answer loss alone (the "
+            "decoder not run, no eval loss); the projector and decoder start after them, with their own warm-up")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    warmup = config.train.vision_warmup_steps
+    read_later = starting_at(warmup, cosine_with_warmup(config.train.warmup_steps, config.train.max_steps - warmup,
+                                                        config.train.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [  # the projector and decoder join after the warm-up
+        read_later if warmup and group.get("module") in ("projector", "language_model") else schedule
+        for group in groups])
+    vision = model.vision
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if answer_head is not None:
         answer_head = accelerator.prepare_model(answer_head)  # its state travels in the checkpoints, for resuming
@@ -323,6 +338,13 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
         answer_stats[0] += answer_loss.detach().float()
         answer_stats[1] += answers
         return config.train.answer_loss_weight * answer_loss / normaliser
+
+    def vision_term(batch: dict[str, torch.Tensor], normaliser: torch.Tensor) -> torch.Tensor:
+        """A warm-up step's loss: the answer loss alone, the ViT run without the decoder."""
+        if batch.get("pixel_values") is not None:
+            with accelerator.autocast():
+                vision(batch["pixel_values"])
+        return answer_term(batch, normaliser)
 
     peak_flops = config.train.peak_tflops * 1e12 or peak_flops_of(accelerator.device, accelerator.mixed_precision)
 
@@ -444,16 +466,25 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             global_tokens, tokens, images = accelerator.reduce(counts, "sum")
             loss_sum = torch.zeros((), device=accelerator.device)
             stats_sum = torch.zeros(len(STATS), device=accelerator.device)
+            warming_up = step < config.train.vision_warmup_steps
             for batch in micro_batches:
                 with accelerator.accumulate(model):
-                    loss, stats = objective(batch, config.train.batch_size if dpo else global_tokens)
+                    if warming_up:
+                        loss, stats = vision_term(batch, global_tokens), None
+                        trained_on = loss
+                    else:
+                        loss, stats = objective(batch, config.train.batch_size if dpo else global_tokens)
+                        trained_on = loss + answer_term(batch, global_tokens) if answer_head is not None else loss
                     if stats is not None:
                         stats_sum += stats
-                    trained_on = loss + answer_term(batch, global_tokens) if answer_head is not None else loss
                     # DDP/FSDP average gradients over processes and accelerate divides by the accumulation steps:
                     # scale back up so the gradients are those of the global sum above.
                     accelerator.backward(trained_on * world * accum)
                     loss_sum += loss.detach().float()
+            if warming_up and world > 1:  # the ViT ran outside DDP's forward: its gradients are averaged here
+                for parameter in vision.parameters():
+                    if parameter.grad is not None:
+                        parameter.grad = accelerator.reduce(parameter.grad, "mean")
             norm = accelerator.clip_grad_norm_(model.parameters(), config.train.max_grad_norm)
             if answer_head is not None:
                 torch.nn.utils.clip_grad_norm_(answer_head.parameters(), config.train.max_grad_norm)
@@ -483,6 +514,9 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                       "tokens_per_s": int(tokens) / step_seconds, "tflops_per_s": flops_per_s / 1e12}
             if peak_flops:
                 record["mfu"] = flops_per_s / (peak_flops * world)
+            if warming_up:  # the decoder did not run: no loss of its own, and its FLOPs were not spent
+                for key in ("loss", "tokens_per_s", "tflops_per_s", "mfu"):
+                    record.pop(key, None)
             if answer_head is not None:
                 answer_sum, answer_count = accelerator.reduce(answer_stats, "sum").tolist()
                 record["answer_loss"] = answer_sum / max(answer_count, 1)
@@ -491,7 +525,7 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
                 stats_mean = accelerator.reduce(stats_sum, "sum") / config.train.batch_size
                 record.update({name: float(value) for name, value in zip(STATS[1:], stats_mean[1:])})
             _append_metrics(accelerator, output_dir, record)
-            if eval_set and (step % config.train.eval_every == 0 or step == config.train.max_steps):
+            if eval_set and not warming_up and (step % config.train.eval_every == 0 or step == config.train.max_steps):
                 eval_record = {"step": step, **evaluate()}
                 _append_metrics(accelerator, output_dir, eval_record)
                 if accelerator.is_local_main_process:

@@ -87,10 +87,42 @@ def test_with_the_answer_loss_accumulation_and_resume_stay_exact(shapes_dir, tmp
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
-@pytest.mark.parametrize("setting", ["train.packing=true", "train.freeze=[vision]", "train.answer_loss_weight=-1"])
+@pytest.mark.parametrize("setting", ["train.packing=true", "train.freeze=[vision]", "train.answer_loss_weight=-1",
+                                     "train.vision_warmup_steps=-1", "train.vision_warmup_steps=4"])
 def test_settings_the_answer_loss_cannot_work_with_are_named(setting, shapes_dir, tmp_path):
     from mmgpt.config import check_values
 
     weight = [] if "answer_loss_weight" in setting else ["train.answer_loss_weight=1.0"]
-    with pytest.raises(ConfigError, match="answer_loss_weight"):
-        check_values(tiny_config(shapes_dir, tmp_path, *weight, setting))
+    name = setting.split("=")[0].split(".")[1]
+    with pytest.raises(ConfigError, match=name):
+        check_values(tiny_config(shapes_dir, tmp_path, *weight, "train.max_steps=4", setting))
+
+
+def test_vision_warmup_without_the_answer_loss_is_named(shapes_dir, tmp_path):
+    from mmgpt.config import check_values
+
+    with pytest.raises(ConfigError, match="vision_warmup_steps.*answer_loss_weight"):
+        check_values(tiny_config(shapes_dir, tmp_path, "train.max_steps=4", "train.vision_warmup_steps=2"))
+
+
+def test_vision_warmup_trains_the_vit_alone_first(shapes_dir, tmp_path):
+    """During the warm-up steps only the ViT and the head learn (the decoder is not run); after them, all of it."""
+    from safetensors.torch import load_file
+
+    overrides = ["train.save_every=100", "data.eval=", "train.answer_loss_weight=1.0"]
+    start = train(tiny_config(shapes_dir, tmp_path / "start", *overrides, "train.max_steps=1", "train.lr=0"))
+    warmed = train(tiny_config(shapes_dir, tmp_path / "warmed", *overrides, "train.max_steps=2",
+                               "train.vision_warmup_steps=2"))
+    before, after = (load_file(run.final_dir / "model.safetensors") for run in (start, warmed))
+    assert all(torch.equal(before[name], after[name]) for name in before if name.startswith("language_model."))
+    assert not torch.equal(before["vision.vit.patch_embed.proj.weight"], after["vision.vit.patch_embed.proj.weight"])
+    records = [json.loads(line) for line in (tmp_path / "warmed" / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss" in record, record["answer_loss"] > 0) for record in records] == [(False, True)] * 2
+
+    overrides += ["train.max_steps=6", "train.eval_every=100", "train.vision_warmup_steps=2"]
+    stop_at_step_3_and_resume(lambda: tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
+    straight = train(tiny_config(shapes_dir, tmp_path / "straight", *overrides))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 4  # the decoder's loss from step 3 on
+    trained = load_file(straight.final_dir / "model.safetensors")
+    assert not any(torch.equal(before[name], trained[name]) for name in before if name.endswith("attn.c_attn.weight"))

@@ -91,10 +91,12 @@ def test_two_processes_train_what_one_process_trains_step_by_step(two_process_ru
 
 
 @pytest.mark.slow
-def test_two_processes_with_the_answer_loss_train_what_one_process_trains(shapes_dir, tmp_path):
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_two_processes_with_the_answer_loss_train_what_one_process_trains(warmup, shapes_dir, tmp_path):
     """The answer head is a second model under DDP, and its loss shares the main loss's normaliser: 2 processes x 2
-    accumulation steps make one process's steps."""
-    extra = ["train.max_steps=3", "train.freeze=[]", "train.answer_loss_weight=1.0", "train.save_every=100"]
+    accumulation steps make one process's steps, in the vision warm-up (the ViT run outside DDP) and after it."""
+    extra = ["train.max_steps=4", "train.freeze=[]", "train.answer_loss_weight=1.0", "train.save_every=100",
+             f"train.vision_warmup_steps={warmup}"]
     run(launch_command(2, settings(shapes_dir, tmp_path / "two", *extra, "train.grad_accum_steps=2")))
     train(load_config(CONFIG, settings(shapes_dir, tmp_path / "one", *extra)))
     for key in ("loss", "answer_loss", "grad_norm"):
