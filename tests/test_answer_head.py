@@ -109,17 +109,18 @@ def test_vision_warmup_trains_the_vit_alone_first(shapes_dir, tmp_path):
     """During the warm-up steps only the ViT and the head learn (the decoder is not run); after them, all of it."""
     from safetensors.torch import load_file
 
-    overrides = ["train.save_every=100", "data.eval=", "train.answer_loss_weight=1.0"]
+    overrides = ["data.eval=", "train.answer_loss_weight=1.0"]
     start = train(tiny_config(shapes_dir, tmp_path / "start", *overrides, "train.max_steps=1", "train.lr=0"))
-    warmed = train(tiny_config(shapes_dir, tmp_path / "warmed", *overrides, "train.max_steps=2",
-                               "train.vision_warmup_steps=2"))
-    before, after = (load_file(run.final_dir / "model.safetensors") for run in (start, warmed))
+    train(tiny_config(shapes_dir, tmp_path / "warmed", *overrides, "train.max_steps=3", "train.save_every=2",
+                      "train.vision_warmup_steps=2"))
+    before = load_file(start.final_dir / "model.safetensors")
+    after = load_file(tmp_path / "warmed" / "checkpoints" / "step-2" / "model.safetensors")  # the warm-up's end
     assert all(torch.equal(before[name], after[name]) for name in before if name.startswith("language_model."))
     assert not torch.equal(before["vision.vit.patch_embed.proj.weight"], after["vision.vit.patch_embed.proj.weight"])
     records = [json.loads(line) for line in (tmp_path / "warmed" / "metrics.jsonl").read_text().splitlines()]
-    assert [("loss" in record, record["answer_loss"] > 0) for record in records] == [(False, True)] * 2
+    assert [("loss" in record, record["answer_loss"] > 0) for record in records] == [(False, True)] * 2 + [(True, True)]
 
-    overrides += ["train.max_steps=6", "train.eval_every=100", "train.vision_warmup_steps=2"]
+    overrides += ["train.save_every=100", "train.max_steps=6", "train.eval_every=100", "train.vision_warmup_steps=2"]
     stop_at_step_3_and_resume(lambda: tiny_config(shapes_dir, tmp_path / "resumed", *overrides))
     straight = train(tiny_config(shapes_dir, tmp_path / "straight", *overrides))
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

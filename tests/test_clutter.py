@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mmgpt.cli import main
+from mmgpt.config import load_config
 from mmgpt.data.clutter import IMAGE_SIZE, KINDS, STYLES, draw_things, question, random_things, write_clutter
 from mmgpt.data.formats import read_jsonl
 
@@ -99,18 +100,22 @@ def test_cli_writes_both_styles_and_refuses_an_unknown_one(tmp_path, capsys):
 
 
 def test_tiny_vqa_recipe_trains_and_evaluates_on_a_clutter_set(tmp_path, capsys):
-    """configs/tiny-vqa.yaml as documented, shrunk: its trained conv-stem ViT, augmentation and answer loss, on a
-    clutter set, then the held-out eval with the blind baseline per kind."""
+    """configs/tiny-vqa.yaml as documented, shrunk: its trained conv-stem ViT, augmentation, answer loss and vision
+    warm-up, on a clutter set, then the held-out eval with the blind baseline per kind."""
     from conftest import TINY_OVERRIDES
 
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny-vqa.yaml"
+    documented = load_config(config)  # the recipe as written passes its checks, not only shrunk
+    assert 0 < documented.train.vision_warmup_steps < documented.train.max_steps
     assert main(["data", "clutter", "--out", str(tmp_path / "set"), "--train", "40", "--eval", "12"]) == 0
     settings = [*TINY_OVERRIDES, f"data.train={tmp_path / 'set/train.jsonl'}", f"data.eval={tmp_path / 'set/eval.jsonl'}",
-                "train.max_steps=4", f"output_dir={tmp_path / 'run'}"]
+                "train.max_steps=4", "train.vision_warmup_steps=2", f"output_dir={tmp_path / 'run'}"]
     assert main(["train", str(config), "--set", *settings]) in (None, 0)
     log = capsys.readouterr().out
     assert "augment: pictures moved up to 4 px, mirrored left-right and top-bottom" in log
-    assert "answer loss: 1.0 x" in log
+    assert "answer loss: 1.0 x" in log and "vision warm-up: steps 1-2" in log
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [("loss" in record) for record in records if "eval_loss" not in record] == [False, False, True, True]
     saved = json.loads((tmp_path / "run/final/config.json").read_text())
     assert saved["vision_conv_stem"] is True
     assert main(["eval", str(tmp_path / "run/final"), "--data", str(tmp_path / "set/eval.jsonl"),
