@@ -64,6 +64,12 @@ class AnswerHead(nn.Module):
             input_ids, labels, attention_mask, self.image_token_id, self.num_image_tokens)
         if rows.numel() == 0:  # still a loss over every weight, so that each process's head takes part in the step
             return sum(parameter.sum() for parameter in self.parameters()) * 0.0, 0
+        logits = self.answer_logits(image_features, input_ids, rows, picture, question)
+        return F.cross_entropy(logits.float(), first_token, reduction="sum"), len(rows)
+
+    def answer_logits(self, image_features: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor,
+                      picture: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """Logits of each answer's first token, for the answers `answers_after_pictures` found (at least one)."""
         answer, position = question.nonzero(as_tuple=True)  # each question word once: no copy of a row an answer
         words = self.words(input_ids[rows[answer], position])
         summed = words.new_zeros(len(rows), words.shape[-1]).index_add_(0, answer, words)
@@ -81,5 +87,4 @@ class AnswerHead(nn.Module):
         scores = torch.einsum("pahd,pkhd->pakh", queries, keys) / math.sqrt(keys.shape[-1])
         picked = torch.einsum("pakh,pkhd->pahd", scores.softmax(2), values)[picture, slot].flatten(1)
         counted = torch.einsum("pakh,pkhd->pahd", torch.sigmoid(scores), values)[picture, slot].flatten(1) / patches
-        logits = self.out(torch.cat([picked, counted, query], -1))
-        return F.cross_entropy(logits.float(), first_token, reduction="sum"), len(rows)
+        return self.out(torch.cat([picked, counted, query], -1))

@@ -127,3 +127,27 @@ def test_vision_warmup_trains_the_vit_alone_first(shapes_dir, tmp_path):
     assert len(losses(tmp_path / "straight")) == 4  # the decoder's loss from step 3 on
     trained = load_file(straight.final_dir / "model.safetensors")
     assert not any(torch.equal(before[name], trained[name]) for name in before if name.endswith("attn.c_attn.weight"))
+
+
+def test_the_heads_own_answers_are_counted_per_kind(shapes_dir, tmp_path):
+    """benchmarks/answer_head_reads.py: the newest checkpoint's ViT and head answer every held-out question, counted
+    under the record's kind; a run without the head is named as such."""
+    import importlib.util
+    from collections import Counter
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "answer_head_reads.py"
+    spec = importlib.util.spec_from_file_location("answer_head_reads", path)
+    reads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reads)
+    overrides = ["train.max_steps=2", "train.save_every=100", "data.eval="]
+    train(tiny_config(shapes_dir, tmp_path / "headed", *overrides, "train.answer_loss_weight=1.0"))
+    figures = reads.head_accuracy(tmp_path / "headed", shapes_dir / "eval.jsonl")
+    kinds = Counter(json.loads(line)["kind"] for line in (shapes_dir / "eval.jsonl").read_text().splitlines())
+    assert {kind: figure["n"] for kind, figure in figures.items() if kind != "all"} == kinds
+    assert figures["all"]["n"] == sum(kinds.values())
+    assert figures["all"]["accuracy"] == pytest.approx(
+        sum(figure["accuracy"] * figure["n"] for kind, figure in figures.items() if kind != "all") / sum(kinds.values()))
+    train(tiny_config(shapes_dir, tmp_path / "plain", *overrides))
+    with pytest.raises(FileNotFoundError, match="without train.answer_loss_weight"):
+        reads.head_accuracy(tmp_path / "plain", shapes_dir / "eval.jsonl")
