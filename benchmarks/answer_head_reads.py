@@ -26,16 +26,11 @@ from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.formats import read_samples
 
 
-def newest_checkpoint(run: Path) -> Path:
-    folders = [folder for folder in checkpoint.checkpoints_dir(run).glob("step-*") if folder.name[5:].isdigit()]
-    if not folders:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoints_dir(run)}: train the run first")
-    return max(folders, key=lambda folder: int(folder.name[5:]))
-
-
 def head_accuracy(run: Path, data: Path, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """{kind: {"n", "accuracy"}} of the answer head on every answer that follows a picture in `data`, and "all"."""
-    folder = newest_checkpoint(run)
+    folder = checkpoint.latest_checkpoint(run)
+    if folder is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint.checkpoints_dir(run)}: train the run first")
     if not (folder / "model_1.safetensors").is_file():
         raise FileNotFoundError(f"{folder} holds no answer head: the run was trained without train.answer_loss_weight")
     processor, model = load_saved(folder)

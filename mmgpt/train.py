@@ -306,12 +306,11 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             "decoder not run, no eval loss); the projector and decoder start after them, with their own warm-up")
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
     schedule = cosine_with_warmup(config.train.warmup_steps, config.train.max_steps, config.train.min_lr_ratio)
-    warmup = config.train.vision_warmup_steps
-    read_later = starting_at(warmup, cosine_with_warmup(config.train.warmup_steps, config.train.max_steps - warmup,
-                                                        config.train.min_lr_ratio))
+    warmup = config.train.vision_warmup_steps  # 0: `after_warmup` is `schedule`
+    after_warmup = starting_at(warmup, cosine_with_warmup(config.train.warmup_steps, config.train.max_steps - warmup,
+                                                          config.train.min_lr_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [  # the projector and decoder join after the warm-up
-        read_later if warmup and group.get("module") in ("projector", "language_model") else schedule
-        for group in groups])
+        after_warmup if group.get("module") in ("projector", "language_model") else schedule for group in groups])
     vision = model.vision
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if answer_head is not None:
@@ -506,17 +505,15 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
             progress.set_postfix(loss=f"{mean_loss:.4f}")
 
             step_seconds = time.perf_counter() - step_started
-            flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size,
-                                                labelled=int(global_tokens)) / step_seconds
-            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            record = {"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "supervised_tokens": int(global_tokens), "bad_steps": bad_total,
-                      "steps_per_s": (step - first_step) / (time.perf_counter() - started),
-                      "tokens_per_s": int(tokens) / step_seconds, "tflops_per_s": flops_per_s / 1e12}
-            if peak_flops:
-                record["mfu"] = flops_per_s / (peak_flops * world)
-            if warming_up:  # the decoder did not run: no loss of its own, and its FLOPs were not spent
-                for key in ("loss", "tokens_per_s", "tflops_per_s", "mfu"):
-                    record.pop(key, None)
+                      "steps_per_s": (step - first_step) / (time.perf_counter() - started)}
+            if not warming_up:  # in the warm-up the decoder did not run: no loss of its own, its FLOPs not spent
+                flops_per_s = costs.training_flops(int(tokens), int(images), config.train.batch_size,
+                                                    labelled=int(global_tokens)) / step_seconds
+                record.update(loss=mean_loss, tokens_per_s=int(tokens) / step_seconds, tflops_per_s=flops_per_s / 1e12)
+                if peak_flops:
+                    record["mfu"] = flops_per_s / (peak_flops * world)
             if answer_head is not None:
                 answer_sum, answer_count = accelerator.reduce(answer_stats, "sum").tolist()
                 record["answer_loss"] = answer_sum / max(answer_count, 1)
