@@ -324,7 +324,8 @@ def parser() -> argparse.ArgumentParser:
     clutter.add_argument("--out", required=True, help="folder for train.jsonl, eval.jsonl and images/")
     clutter.add_argument("--style", choices=tuple(STYLES), default="clutter",
                          help="clutter: filled shapes on pale or textured grounds; sketch: outlines, another palette, "
-                              "dark or noisy grounds (kept for checking recipes on a world they were not tuned on)")
+                              "dark or noisy grounds; tiles: filled shapes with a dark edge, a third palette, shaded "
+                              "or checked grounds (kept for checking recipes on a world they were not tuned on)")
     clutter.add_argument("--seed", type=int, default=0)
     clutter.add_argument("--train", type=int, default=6000, help="training pictures, a chat of up to 5 questions each")
     clutter.add_argument("--eval", type=int, default=600, help="held-out questions, balanced by answer in each kind")

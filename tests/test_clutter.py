@@ -12,7 +12,9 @@ from PIL import Image
 
 from mmgpt.cli import main
 from mmgpt.config import load_config
-from mmgpt.data.clutter import IMAGE_SIZE, KINDS, STYLES, draw_things, question, random_things, write_clutter
+from mmgpt.data.clutter import (
+    IMAGE_SIZE, KINDS, STYLES, Thing, draw_things, question, random_things, write_clutter,
+)
 from mmgpt.data.formats import read_jsonl
 
 
@@ -89,11 +91,21 @@ def test_objects_are_drawn_in_their_colour_where_they_are():
     assert centre == world.palette[things[0].colour]
 
 
-def test_cli_writes_both_styles_and_refuses_an_unknown_one(tmp_path, capsys):
-    command = ["data", "clutter", "--out", str(tmp_path / "s"), "--style", "sketch", "--train", "12", "--eval", "12"]
-    assert main(command) == 0
-    assert "wrote" in capsys.readouterr().out
-    assert len((tmp_path / "s/eval.jsonl").read_text().splitlines()) == 12
+@pytest.mark.parametrize("shape", ["hexagon", "triangle", "cross", "star"])
+def test_tiles_are_filled_with_their_colour_inside_a_darker_edge(shape):
+    world = STYLES["tiles"]
+    thing = Thing("salmon", shape, "big", IMAGE_SIZE / 2, IMAGE_SIZE / 2, 24.0, 0.0)
+    image = draw_things(world, [thing], random.Random(3))
+    assert image.getpixel((IMAGE_SIZE // 2, IMAGE_SIZE // 2)) == world.palette["salmon"]
+    assert (100, 52, 44) in {colour for _, colour in image.getcolors(IMAGE_SIZE * IMAGE_SIZE)}  # 2/5 of salmon
+
+
+def test_cli_writes_each_style_and_refuses_an_unknown_one(tmp_path, capsys):
+    for style in ("sketch", "tiles"):
+        command = ["data", "clutter", "--out", str(tmp_path / style), "--style", style, "--train", "12", "--eval", "12"]
+        assert main(command) == 0
+        assert "wrote" in capsys.readouterr().out
+        assert len((tmp_path / style / "eval.jsonl").read_text().splitlines()) == 12
     with pytest.raises(SystemExit):
         main(["data", "clutter", "--out", str(tmp_path / "x"), "--style", "nowhere"])
     assert "invalid choice: 'nowhere'" in capsys.readouterr().err

@@ -6,9 +6,10 @@ near neighbours in hue, and answer priors that are strongly skewed in training. 
 balanced by answer within each kind, so a model that answers from the prior scores chance there, and only
 looking pays.
 
-Two styles share the questions and differ in everything drawn: `clutter` (filled shapes on pale or textured
-grounds), for tuning a recipe against, and `sketch` (outlines on dark or noisy grounds, another palette, more objects),
-kept for checking a recipe on a world it was not tuned on.
+Three styles share the questions and differ in everything drawn: `clutter` (filled shapes on pale or textured
+grounds) and `sketch` (outlines on dark or noisy grounds, another palette, more objects), which recipes were tuned
+on, and `tiles` (filled shapes with a dark edge on shaded or checked grounds, a third palette, hexagons), kept for
+checking a recipe on a world it was not tuned on.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Style:
     most_objects: int
     small_share: float  # training share of small objects: the size prior
     yes_share: float  # training share of "yes" presence answers
-    outline: bool
-    grounds: tuple[str, ...]  # kinds of background: "pale", "stripes", "noise", "dark"
+    look: str  # "filled", "outline" (2 px lines) or "edged" (filled, with a dark 1 px edge)
+    grounds: tuple[str, ...]  # kinds of background: "pale", "stripes", "noise", "dark", "shaded", "checks"
 
 
 STYLES = {
@@ -48,14 +49,21 @@ STYLES = {
                  "teal": (30, 150, 150), "blue": (40, 70, 215), "purple": (130, 50, 190), "pink": (235, 100, 180)},
         colour_weights=(8, 5, 3, 2, 2, 1, 1, 1),
         shapes=("circle", "square", "triangle", "cross"),
-        most_objects=4, small_share=0.75, yes_share=0.25, outline=False, grounds=("pale", "stripes", "noise"),
+        most_objects=4, small_share=0.75, yes_share=0.25, look="filled", grounds=("pale", "stripes", "noise"),
     ),
     "sketch": Style(
         palette={"white": (240, 240, 240), "red": (235, 60, 50), "lime": (150, 230, 40), "green": (30, 150, 50),
                  "cyan": (40, 210, 230), "blue": (60, 90, 240), "magenta": (220, 50, 210)},
         colour_weights=(1, 1, 6, 1, 4, 1, 2),
         shapes=("circle", "square", "triangle", "star", "ring"),
-        most_objects=5, small_share=0.3, yes_share=0.7, outline=True, grounds=("dark", "noise"),
+        most_objects=5, small_share=0.3, yes_share=0.7, look="outline", grounds=("dark", "noise"),
+    ),
+    "tiles": Style(
+        palette={"brown": (140, 80, 30), "gold": (235, 185, 20), "navy": (30, 40, 120), "olive": (120, 130, 30),
+                 "salmon": (250, 130, 110), "violet": (150, 90, 220), "grey": (128, 128, 128)},
+        colour_weights=(1, 4, 1, 1, 2, 1, 6),
+        shapes=("hexagon", "triangle", "cross", "ring", "star"),
+        most_objects=4, small_share=0.6, yes_share=0.35, look="edged", grounds=("shaded", "checks"),
     ),
 }
 
@@ -110,7 +118,18 @@ def _ground(style: Style, rng: random.Random) -> Image.Image:
     else:
         tone = tuple(rng.randint(205, 250) for _ in range(3))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), tone)
-    if kind == "stripes":
+    if kind == "shaded":  # from the tone at one edge to another light tone at the opposite one
+        other = tuple(rng.randint(150, 250) for _ in range(3))
+        ramp = Image.linear_gradient("L").resize((IMAGE_SIZE, IMAGE_SIZE)).rotate(rng.choice((0, 90, 180, 270)))
+        image = Image.composite(Image.new("RGB", image.size, other), image, ramp)
+    elif kind == "checks":
+        other = tuple(max(0, value - rng.randint(15, 35)) for value in tone)
+        step = rng.randint(5, 10)
+        draw = ImageDraw.Draw(image)
+        for row in range(0, IMAGE_SIZE, step):
+            for column in range((row // step) % 2 * step, IMAGE_SIZE, step * 2):
+                draw.rectangle((column, row, column + step - 1, row + step - 1), fill=other)
+    elif kind == "stripes":
         other = tuple(max(0, value - rng.randint(20, 45)) for value in tone)
         step = rng.randint(4, 9)
         draw = ImageDraw.Draw(image)
@@ -130,6 +149,8 @@ def _outline(thing: Thing) -> list[tuple[float, float]]:
         corners = [(-half, -half), (half, -half), (half, half), (-half, half)]
     elif thing.shape == "triangle":
         corners = [(0, -half), (half, half * 0.8), (-half, half * 0.8)]
+    elif thing.shape == "hexagon":
+        corners = [(half * math.cos(math.pi * point / 3), half * math.sin(math.pi * point / 3)) for point in range(6)]
     elif thing.shape == "cross":
         arm = half / 3
         corners = [(-arm, -half), (arm, -half), (arm, -arm), (half, -arm), (half, arm), (arm, arm), (arm, half),
@@ -145,21 +166,27 @@ def _outline(thing: Thing) -> list[tuple[float, float]]:
 def draw_things(style: Style, things: list[Thing], rng: random.Random) -> Image.Image:
     image = _ground(style, rng)
     draw = ImageDraw.Draw(image)
-    line = 2 if style.outline else 0
     for thing in things:
-        fill = style.palette[thing.colour]
+        colour = style.palette[thing.colour]
+        fill = None if style.look == "outline" else colour
+        edge = tuple(value * 2 // 5 for value in colour) if style.look == "edged" else colour
+        line = {"filled": 0, "outline": 2, "edged": 1}[style.look]
         half = thing.width / 2
         box = (thing.x - half, thing.y - half, thing.x + half, thing.y + half)
+        inner = (thing.x - half / 2, thing.y - half / 2, thing.x + half / 2, thing.y + half / 2)
         if thing.shape == "circle":
-            draw.ellipse(box, fill=None if style.outline else fill, outline=fill, width=line)
+            draw.ellipse(box, fill=fill, outline=edge, width=line)
+        elif thing.shape == "ring" and style.look == "outline":
+            draw.ellipse(box, outline=colour, width=line)
+            draw.ellipse(inner, outline=colour, width=line)
         elif thing.shape == "ring":
-            draw.ellipse(box, outline=fill, width=line or max(2, round(thing.width / 5)))
-            if style.outline:
-                draw.ellipse((thing.x - half / 2, thing.y - half / 2, thing.x + half / 2, thing.y + half / 2),
-                             outline=fill, width=line)
+            draw.ellipse(box, outline=colour, width=max(2, round(thing.width / 5)))
+            if style.look == "edged":
+                draw.ellipse(box, outline=edge, width=line)
+                draw.ellipse((thing.x - half * 0.6, thing.y - half * 0.6, thing.x + half * 0.6, thing.y + half * 0.6),
+                             outline=edge, width=line)
         else:
-            draw.polygon(_outline(thing), fill=None if style.outline else fill, outline=fill if style.outline else None,
-                         width=line)
+            draw.polygon(_outline(thing), fill=fill, outline=edge if line else None, width=line)
     return image
 
 
