@@ -163,28 +163,30 @@ def _outline(thing: Thing) -> list[tuple[float, float]]:
             for x, y in corners]
 
 
+def _box(thing: Thing, scale: float = 1.0) -> tuple[float, float, float, float]:
+    """The square about the object's centre, `scale` times its width across."""
+    half = thing.width * scale / 2
+    return thing.x - half, thing.y - half, thing.x + half, thing.y + half
+
+
 def draw_things(style: Style, things: list[Thing], rng: random.Random) -> Image.Image:
     image = _ground(style, rng)
     draw = ImageDraw.Draw(image)
+    line = {"filled": 0, "outline": 2, "edged": 1}[style.look]
     for thing in things:
         colour = style.palette[thing.colour]
         fill = None if style.look == "outline" else colour
         edge = tuple(value * 2 // 5 for value in colour) if style.look == "edged" else colour
-        line = {"filled": 0, "outline": 2, "edged": 1}[style.look]
-        half = thing.width / 2
-        box = (thing.x - half, thing.y - half, thing.x + half, thing.y + half)
-        inner = (thing.x - half / 2, thing.y - half / 2, thing.x + half / 2, thing.y + half / 2)
         if thing.shape == "circle":
-            draw.ellipse(box, fill=fill, outline=edge, width=line)
+            draw.ellipse(_box(thing), fill=fill, outline=edge, width=line)
         elif thing.shape == "ring" and style.look == "outline":
-            draw.ellipse(box, outline=colour, width=line)
-            draw.ellipse(inner, outline=colour, width=line)
+            for scale in (1.0, 0.5):
+                draw.ellipse(_box(thing, scale), outline=colour, width=line)
         elif thing.shape == "ring":
-            draw.ellipse(box, outline=colour, width=max(2, round(thing.width / 5)))
-            if style.look == "edged":
-                draw.ellipse(box, outline=edge, width=line)
-                draw.ellipse((thing.x - half * 0.6, thing.y - half * 0.6, thing.x + half * 0.6, thing.y + half * 0.6),
-                             outline=edge, width=line)
+            draw.ellipse(_box(thing), outline=colour, width=max(2, round(thing.width / 5)))
+            if style.look == "edged":  # both rims of the band, which is about a fifth of the width thick
+                for scale in (1.0, 0.6):
+                    draw.ellipse(_box(thing, scale), outline=edge, width=line)
         else:
             draw.polygon(_outline(thing), fill=fill, outline=edge if line else None, width=line)
     return image
