@@ -33,6 +33,8 @@ class DataConfig:
     augment_shift: int = 0  # training pictures move up to this many pixels each way (a new picture, the same answers)
     augment_flip: str = ""  # "h", "v" or "hv": mirror training pictures on these axes, half the time each, and swap
     # the words for sides with them (left/right, top/bottom, ...); only for sets whose answers survive a mirror
+    cache_pictures_mb: int = 0  # keep up to this many MB of decoded training pictures (each loader worker its own
+    # copy): a small set is decoded once instead of every epoch; 0 = decode every time
 
 
 @dataclass
@@ -42,7 +44,7 @@ class VisionConfig:
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
     fused_attention: bool = True  # false: timm's plain attention (faster backward for tiny ViTs on CPU)
     conv_stem: bool = False  # true: stride-2 convolutions instead of a linear patchify (for ViTs trained from scratch)
-    conv_stem_depth: int = 1  # convolutions a stage of the conv stem: 2 widens what a patch sees (small objects)
+    conv_stem_depth: int | list = 1  # convolutions a stem stage, finest first, for all or each ([1, 2, 2]): more widen what a patch sees
 
 
 @dataclass
@@ -123,6 +125,13 @@ class Config:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     kind = typing.get_origin(annotation) or annotation
+    if isinstance(kind, str) and "|" in kind:  # e.g. "int | list": the value as it is if it is any of them
+        for alternative in kind.split("|"):
+            try:
+                return _coerce(value, alternative.strip(), key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' expects {kind.replace('|', 'or')}, got {value!r}")
     if isinstance(kind, str):
         kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[kind]
     if kind is types.UnionType:
@@ -200,6 +209,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def check_values(config: Config) -> None:
     """Values each field's type admits but no run can use: one error naming the key and the value."""
     train, data = config.train, config.data
+    stem_depth = config.model.vision.conv_stem_depth
+    stem_depths = stem_depth if isinstance(stem_depth, list) else [stem_depth]
     rules: list[tuple[str, Any, bool, str]] = [
         ("train.max_steps", train.max_steps, train.max_steps >= 1, "at least 1"),
         ("train.batch_size", train.batch_size, train.batch_size >= 1, "at least 1"),
@@ -227,11 +238,14 @@ def check_values(config: Config) -> None:
         ("train.answer_loss_weight", train.answer_loss_weight, train.answer_loss_weight >= 0, "0 (off) or more"),
         ("train.vision_warmup_steps", train.vision_warmup_steps, 0 <= train.vision_warmup_steps < train.max_steps,
          "0 (off) or more, and fewer than train.max_steps"),
-        ("model.vision.conv_stem_depth", config.model.vision.conv_stem_depth, config.model.vision.conv_stem_depth >= 1,
-         "at least 1"),
+        ("model.vision.conv_stem_depth", config.model.vision.conv_stem_depth,
+         len(stem_depths) > 0
+         and all(isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1 for depth in stem_depths),
+         "at least 1, or a list of such numbers (one a stage)"),
         ("data.max_length", data.max_length, data.max_length >= 0, "0 (the context length) or more"),
         ("data.shuffle_buffer", data.shuffle_buffer, data.shuffle_buffer >= 1, "at least 1"),
         ("data.augment_shift", data.augment_shift, data.augment_shift >= 0, "0 (no moves) or more pixels"),
+        ("data.cache_pictures_mb", data.cache_pictures_mb, data.cache_pictures_mb >= 0, "0 (off) or more"),
         ("data.augment_flip", data.augment_flip, data.augment_flip in FLIPS, f"one of {', '.join(map(repr, FLIPS))}"),
         ("model.projector_shuffle_factor", config.model.projector_shuffle_factor,
          config.model.projector_shuffle_factor >= 1, "at least 1"),
@@ -244,6 +258,9 @@ def check_values(config: Config) -> None:
     if train.objective == "dpo" and not config.model.init_from:
         raise ConfigError("train.objective=dpo needs model.init_from: the saved model to start from, which is also the "
                           "frozen reference the policy is measured against")
+    if train.objective == "dpo" and data.cache_pictures_mb:
+        raise ConfigError("data.cache_pictures_mb keeps the decoded pictures of chats and documents, not of preference "
+                          "pairs: set it to 0 for train.objective=dpo")
     if train.objective == "dpo" and (data.augment_shift or data.augment_flip):
         raise ConfigError("data.augment_shift and data.augment_flip augment chats and documents, not preference pairs "
                           "(train.objective=dpo)")

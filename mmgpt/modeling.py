@@ -45,7 +45,7 @@ class MMGPTConfig(PretrainedConfig):
     vision_pretrained: str = ""
     vision_fused_attention: bool = True
     vision_conv_stem: bool = False
-    vision_conv_stem_depth: int = 1
+    vision_conv_stem_depth: int | list[int] = 1
     text_pretrained: str = ""
     text_attn_implementation: str = ""  # "" = transformers' default for the decoder; "eager" is fastest for tiny ones
     projector_shuffle_factor: int = 1

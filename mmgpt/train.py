@@ -262,11 +262,14 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     if augment.active and stream:
         raise ConfigError("data.augment_shift and data.augment_flip work on a training set read whole (JSONL, LLaVA "
                           "JSON, a Hugging Face dataset), not on a stream of shards")
+    if config.data.cache_pictures_mb and stream:
+        raise ConfigError("data.cache_pictures_mb keeps the pictures of a training set read whole (JSONL, LLaVA JSON, "
+                          "a Hugging Face dataset), not of a stream of shards")
     if dpo:
         train_set = PairDataset(train_samples, processor, max_length, config.data.skip_bad_records)
     else:
         train_set = EncodedDataset([] if stream else train_samples, processor, max_length,
-                                   config.data.skip_bad_records, augment)
+                                   config.data.skip_bad_records, augment, config.data.cache_pictures_mb * 2**20)
     eval_set = make_set(eval_samples, processor, max_length, config.data.skip_bad_records)
     collate_fn = collate_pairs if dpo else None
     reference = None
@@ -298,6 +301,9 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     )
     if augment.active:
         log(f"augment: {augment.describe()}")
+    if config.data.cache_pictures_mb:
+        log(f"picture cache: up to {config.data.cache_pictures_mb} MB of decoded training pictures kept (in each "
+            f"loader worker)")
     if answer_head is not None:
         log(f"answer loss: {config.train.answer_loss_weight} x the first answer tokens' cross-entropy from the ViT's "
             "features by a short path (the head is not saved with the model)")

@@ -21,22 +21,27 @@ def _pretrained_kwargs(pretrained: str) -> dict:
     return {"pretrained": True}
 
 
-def conv_stem_embed(img_size, patch_size, in_chans: int = 3, embed_dim: int = 768, depth: int = 1,
+def conv_stem_embed(img_size, patch_size, in_chans: int = 3, embed_dim: int = 768, depth: int | list[int] = 1,
                     **kwargs) -> HybridEmbed:
     """Patch embedding by a stack of stride-2 3x3 convolutions instead of one linear patchify (Xiao et al. 2021,
     "Early convolutions help transformers see better"): same patch grid, but a locality prior that a ViT trained
-    from scratch on small data otherwise has to learn. `depth` - 1 more stride-1 convolutions a stage widen what
-    each patch sees (15 px with one a stage at patch size 8, 43 px with two), for a small object that straddles
-    patches. Built on timm's `HybridEmbed`."""
+    from scratch on small data otherwise has to learn. `depth` is the convolutions a stage, finest first: one
+    number for all or one a stage. Each stride-1 convolution past the first widens what a patch sees, most in the
+    coarse stages where it also costs least (at patch size 8: 15 px with one a stage, 39 px with [1, 2, 2], 43 px
+    with 2), for an object that straddles patches. Built on timm's `HybridEmbed`."""
     size = patch_size if isinstance(patch_size, int) else patch_size[0]
     stages = int(math.log2(size))
     assert 2**stages == size, "the convolutional stem needs a power-of-two patch size"
+    depths = [depth] * stages if isinstance(depth, int) else list(depth)
+    if len(depths) != stages:
+        raise ValueError(f"model.vision.conv_stem_depth {depth} names {len(depths)} stages, but a stem for patch "
+                         f"size {size} has {stages} (one number for all, or one a stage)")
     layers: list[nn.Module] = []
     width = in_chans
-    for stage in range(stages):
+    for stage, stage_depth in enumerate(depths):
         out = min(embed_dim, 32 * 2**stage)
         layers += [nn.Conv2d(width, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
-        for _ in range(depth - 1):
+        for _ in range(stage_depth - 1):
             layers += [nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
         width = out
     return HybridEmbed(nn.Sequential(*layers), img_size=img_size, patch_size=1, feature_size=None,
@@ -48,7 +53,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(
         self, model_name: str, model_kwargs: dict, pretrained: str = "", fused_attention: bool = True,
-        conv_stem: bool = False, conv_stem_depth: int = 1,
+        conv_stem: bool = False, conv_stem_depth: int | list[int] = 1,
     ):
         super().__init__()
         extra = {"embed_layer": functools.partial(conv_stem_embed, depth=conv_stem_depth)} if conv_stem else {}

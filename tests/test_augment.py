@@ -19,6 +19,7 @@ from mmgpt.data.clutter import STYLES, Thing, draw_things
 from mmgpt.data.dataset import EncodedDataset
 from mmgpt.data.loader import StepSampler
 from mmgpt.data.records import Sample, Segment, Turn
+from mmgpt.images import ImageError
 
 from conftest import TINY_OVERRIDES
 
@@ -77,6 +78,7 @@ def test_draws_are_a_function_of_step_and_index_and_mirrored_items_carry_mirrore
 @pytest.mark.parametrize("setting, message", [
     ("data.augment_flip=x", "'data.augment_flip' must be one of '', 'h', 'v', 'hv', got 'x'"),
     ("data.augment_shift=-1", "'data.augment_shift' must be 0 \\(no moves\\) or more pixels"),
+    ("data.cache_pictures_mb=-1", "'data.cache_pictures_mb' must be 0 \\(off\\) or more, got -1"),
     ("train.objective=dpo", "not preference pairs"),
 ])
 def test_bad_augment_settings_are_named(setting, message):
@@ -92,3 +94,32 @@ def test_train_command_augments_and_says_so(shapes_dir, tmp_path, capsys):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 4 and all(loss == loss for loss in losses)
+
+
+def test_decoded_pictures_are_kept_within_the_budget_and_come_back_unchanged(tiny, tmp_path):
+    """`data.cache_pictures_mb`: a picture is decoded once while the budget lasts (so it still loads once its file is
+    gone), the rest every time; moved and mirrored items from the cache equal those from the file."""
+    processor, _ = tiny
+    chats = []
+    for index in range(4):
+        Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(tmp_path / f"{index}.png")
+        chats.append(Sample([Turn("user", [Segment(image=str(tmp_path / f"{index}.png")), Segment(text="Colour?")]),
+                             Turn("assistant", [Segment(text="red")])]))
+    augment = Augment(shift=3, flip="hv", seed=1)
+    plain = EncodedDataset(chats, processor, 256, augment=augment)
+    one_picture = plain[0].pixel_values.nbytes
+    cached = EncodedDataset(chats, processor, 256, augment=augment, cache_bytes=2 * one_picture)
+    for step in range(3):
+        for index in range(4):
+            assert torch.equal(cached[(index, step)].pixel_values, plain[(index, step)].pixel_values)
+    assert sorted(cached.cached_pixels) == [0, 1]
+    for index in range(4):
+        (tmp_path / f"{index}.png").unlink()
+    assert torch.equal(cached[1].pixel_values, plain.processor.pixel_values([Image.new("RGB", (8, 8), (60, 0, 0))]))
+    with pytest.raises(ImageError, match="2.png"):
+        cached[2]
+
+
+def test_a_picture_cache_for_preference_pairs_is_refused():
+    with pytest.raises(ConfigError, match="data.cache_pictures_mb keeps the decoded pictures of chats"):
+        load_config(None, ["train.objective=dpo", "model.init_from=somewhere", "data.cache_pictures_mb=64"])

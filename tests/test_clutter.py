@@ -126,10 +126,11 @@ def test_tiny_vqa_recipe_trains_and_evaluates_on_a_clutter_set(tmp_path, capsys)
     log = capsys.readouterr().out
     assert "augment: pictures moved up to 4 px, mirrored left-right and top-bottom" in log
     assert "answer loss: 1.0 x" in log and "vision warm-up: steps 1-2" in log
+    assert f"picture cache: up to {documented.data.cache_pictures_mb} MB" in log
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [("loss" in record) for record in records if "eval_loss" not in record] == [False, False, True, True]
     saved = json.loads((tmp_path / "run/final/config.json").read_text())
-    assert saved["vision_conv_stem"] is True
+    assert saved["vision_conv_stem"] is True and saved["vision_conv_stem_depth"] == documented.model.vision.conv_stem_depth
     assert main(["eval", str(tmp_path / "run/final"), "--data", str(tmp_path / "set/eval.jsonl"),
                  "--out", str(tmp_path / "predictions.jsonl")]) in (None, 0)
     report = json.loads(capsys.readouterr().out)

@@ -11,6 +11,8 @@ def test_yaml_then_dotted_overrides_are_typed(tmp_path):
     assert config.seed == 3 and config.train.lr == 0.001 and config.train.batch_size == 16
     assert config.model.vision.kwargs == {"depth": 2, "img_size": 32}
     assert config.train.mixed_precision == "no"
+    assert load_config(None, ["model.vision.conv_stem_depth=[1, 2, 2]"]).model.vision.conv_stem_depth == [1, 2, 2]
+    assert load_config(None, ["model.vision.conv_stem_depth=2"]).model.vision.conv_stem_depth == 2
 
 
 @pytest.mark.parametrize("override, message", [
@@ -26,6 +28,9 @@ def test_yaml_then_dotted_overrides_are_typed(tmp_path):
     ("train.mixed_precision=fp8", "'train.mixed_precision' must be one of auto, bf16, fp16, no, got 'fp8'"),
     ("train.min_lr_ratio=2", "'train.min_lr_ratio' must be between 0 and 1"),
     ("train.lr_multipliers.vision=-2", "'train.lr_multipliers.vision' must be a number, 0 or more"),
+    ("model.vision.conv_stem_depth=[1,0,2]", r"'model.vision.conv_stem_depth' must be at least 1, or a list"),
+    ("model.vision.conv_stem_depth=[]", r"'model.vision.conv_stem_depth' must be at least 1, or a list"),
+    ("model.vision.conv_stem_depth=deep", "'model.vision.conv_stem_depth' expects int or list, got 'deep'"),
 ])
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

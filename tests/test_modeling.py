@@ -332,12 +332,13 @@ def test_packed_samples_see_only_themselves(shapes_dir, tmp_path, decoder):
 
 def test_conv_stem_depth_widens_what_a_patch_sees_and_is_saved(shapes_dir, tmp_path):
     """model.vision.conv_stem_depth 2: a pixel in column 18 reaches the first patch's embedding (columns 0-7; one
-    convolution a stage sees up to column 7, two up to column 21); the patch grid is the same, and a saved model
-    comes back with its stem."""
+    convolution a stage sees up to column 7, two up to column 21). Per stage, the extra convolution widens most in
+    the coarsest stage: [1, 2, 2] sees up to column 19, [2, 2, 1] up to 13. The patch grid is the same, and a saved
+    model comes back with its stem."""
     from mmgpt.build import build
     from conftest import tiny_config
 
-    def patch_embeddings(depth: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    def patch_embeddings(depth) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
         config = tiny_config(shapes_dir, tmp_path, "model.vision.conv_stem=true", f"model.vision.conv_stem_depth={depth}")
         model = build(config.model, ["a red circle"])[1].eval()
         pixels = torch.zeros(1, 3, 32, 32)
@@ -346,14 +347,22 @@ def test_conv_stem_depth_widens_what_a_patch_sees_and_is_saved(shapes_dir, tmp_p
         embed = model.vision.vit.patch_embed
         return model, embed(pixels)[0, 0], embed(nudged)[0, 0]
 
+    def convolutions(model: torch.nn.Module) -> int:
+        return sum(isinstance(m, torch.nn.Conv2d) for m in model.vision.vit.patch_embed.modules())
+
     narrow, before, after = patch_embeddings(1)
     torch.testing.assert_close(before, after)
-    wide, before, after = patch_embeddings(2)
-    assert not torch.allclose(before, after)
-    assert wide.vision.grid_size == narrow.vision.grid_size
-    convolutions = sum(isinstance(m, torch.nn.Conv2d) for m in wide.vision.vit.patch_embed.modules())
-    assert convolutions == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in narrow.vision.vit.patch_embed.modules()) - 1
-    wide.save_pretrained(tmp_path / "saved")
-    loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
-    torch.testing.assert_close(loaded.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)),
-                               wide.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)))
+    fine_first, before, after = patch_embeddings([2, 2, 1])
+    torch.testing.assert_close(before, after)
+    for depth in (2, [1, 2, 2]):
+        wide, before, after = patch_embeddings(depth)
+        assert not torch.allclose(before, after)
+        assert wide.vision.grid_size == narrow.vision.grid_size
+        wide.save_pretrained(tmp_path / "saved")
+        loaded = MMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+        torch.testing.assert_close(loaded.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)),
+                                   wide.vision.vit.patch_embed(torch.ones(1, 3, 32, 32)))
+    assert convolutions(narrow) == 4 and convolutions(fine_first) == 6 and convolutions(wide) == 6  # the 1x1 projection
+    config = tiny_config(shapes_dir, tmp_path, "model.vision.conv_stem=true", "model.vision.conv_stem_depth=[1, 2]")
+    with pytest.raises(ValueError, match=r"conv_stem_depth \[1, 2\] names 2 stages, but a stem for patch size 8 has 3"):
+        build(config.model, ["a red circle"])

@@ -70,6 +70,14 @@ def test_fewer_shards_than_streams_is_a_clear_error(shapes_dir, tmp_path):
                           "train.num_workers=2", "data.eval="))
 
 
+@pytest.mark.parametrize("setting", ["data.augment_shift=2", "data.cache_pictures_mb=64"])
+def test_settings_for_a_set_read_whole_are_refused_for_a_stream(shapes_dir, tmp_path, setting):
+    folder = shard(shapes_dir / "train.jsonl", tmp_path / "shards", 40)
+    with pytest.raises(Exception, match=f"data.{setting.split('.')[1].split('=')[0]} .*not .*a stream of shards"):
+        train(tiny_config(shapes_dir, tmp_path / "run", f"data.train={folder}", "train.max_steps=1", "data.eval=",
+                          setting))
+
+
 def first_step(folder, init_from, output_dir):
     """Peak RSS in MB of `mmgpt train` on `folder` up to its first step."""
     command = [sys.executable, "-m", "mmgpt.cli", "train", str(CONFIG), "--set", *TINY_OVERRIDES,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from torch.utils.data import Dataset
 
 from mmgpt.data.augment import Augment, mirror_sample
@@ -27,8 +28,10 @@ class EncodedDataset(Dataset):
     tokenised up front mirrored too (its side words swapped), for each way it can be mirrored."""
 
     def __init__(self, samples: list[Sample], processor: MMGPTProcessor, max_length: int, skip_bad: bool = False,
-                 augment: Augment | None = None):
+                 augment: Augment | None = None, cache_bytes: int = 0):
         self.processor, self.augment = processor, augment if augment and augment.active else None
+        self.cached_pixels: dict[int, torch.Tensor] = {}
+        self.cache_bytes_left = cache_bytes
         mirrorings = [axes for axes in ("h", "v", "hv") if self.augment and set(axes) <= set(self.augment.flip)]
         self.samples, self.tokens, self.mirrored, self.skipped = [], [], [], []
         for sample in samples:
@@ -56,12 +59,23 @@ class EncodedDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Encoded:
         index, step = key if isinstance(key, tuple) else (key, None)
         ids, labels, images = self.tokens[index]
-        pixels = self.processor.pixel_values(images, self.samples[index].source)
+        pixels = self._pixels(index, images)
         if self.augment is None or step is None:
             return Encoded(ids, labels, pixels)
         axes, dx, dy = self.augment.draw(step, index)
         ids, labels = self.mirrored[index].get(axes, (ids, labels))  # only samples whose text names a side change
         return Encoded(ids, labels, None if pixels is None else Augment.pixels(pixels, axes, dx, dy))
+
+
+    def _pixels(self, index: int, images: list) -> torch.Tensor | None:
+        """The sample's pictures, decoded; kept while the cache has room, so that later epochs skip decoding."""
+        if index in self.cached_pixels:
+            return self.cached_pixels[index]
+        pixels = self.processor.pixel_values(images, self.samples[index].source)
+        if pixels is not None and pixels.nbytes <= self.cache_bytes_left:
+            self.cached_pixels[index] = pixels
+            self.cache_bytes_left -= pixels.nbytes
+        return pixels
 
 
 class SampleEncoder:
