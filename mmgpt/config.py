@@ -44,7 +44,8 @@ class VisionConfig:
     kwargs: dict = field(default_factory=dict)  # timm.create_model overrides: img_size, patch_size, depth, ...
     fused_attention: bool = True  # false: timm's plain attention (faster backward for tiny ViTs on CPU)
     conv_stem: bool = False  # true: stride-2 convolutions instead of a linear patchify (for ViTs trained from scratch)
-    conv_stem_depth: int | list = 1  # convolutions a stem stage, finest first, for all or each ([1, 2, 2]): more widen what a patch sees
+    conv_stem_depth: int | list = 1  # convolutions a stage of the conv stem, for all or each ([1, 2, 2], finest
+    # first): more widen what a patch sees (objects that straddle patches)
 
 
 @dataclass

@@ -27,8 +27,8 @@ def conv_stem_embed(img_size, patch_size, in_chans: int = 3, embed_dim: int = 76
     "Early convolutions help transformers see better"): same patch grid, but a locality prior that a ViT trained
     from scratch on small data otherwise has to learn. `depth` is the convolutions a stage, finest first: one
     number for all or one a stage. Each stride-1 convolution past the first widens what a patch sees, most in the
-    coarse stages where it also costs least (at patch size 8: 15 px with one a stage, 39 px with [1, 2, 2], 43 px
-    with 2), for an object that straddles patches. Built on timm's `HybridEmbed`."""
+    coarse stages (at patch size 8: 15 px with one a stage, 39 px with [1, 2, 2], 43 px with 2), for an object
+    that straddles patches. Built on timm's `HybridEmbed`."""
     size = patch_size if isinstance(patch_size, int) else patch_size[0]
     stages = int(math.log2(size))
     assert 2**stages == size, "the convolutional stem needs a power-of-two patch size"

@@ -66,7 +66,6 @@ class EncodedDataset(Dataset):
         ids, labels = self.mirrored[index].get(axes, (ids, labels))  # only samples whose text names a side change
         return Encoded(ids, labels, None if pixels is None else Augment.pixels(pixels, axes, dx, dy))
 
-
     def _pixels(self, index: int, images: list) -> torch.Tensor | None:
         """The sample's pictures, decoded; kept while the cache has room, so that later epochs skip decoding."""
         if index in self.cached_pixels:
