@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,29 +122,26 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    kind = typing.get_origin(annotation) or annotation
-    if isinstance(kind, str) and "|" in kind:  # e.g. "int | list": the value as it is if it is any of them
-        for alternative in kind.split("|"):
+TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """`value` as the field's type, named as this module's postponed annotations name it ("int", "int | list": the
+    first alternative the value is, or can be read as)."""
+    names = [name.strip() for name in annotation.split("|")]
+    for name in names:
+        kind = TYPES[name]
+        if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
             try:
-                return _coerce(value, alternative.strip(), key)
-            except ConfigError:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
                 continue
-        raise ConfigError(f"config key '{key}' expects {kind.replace('|', 'or')}, got {value!r}")
-    if isinstance(kind, str):
-        kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[kind]
-    if kind is types.UnionType:
-        kind = typing.get_args(annotation)[0]
-    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 1e-3 (no dot) as a string
-        except ValueError:
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
-    return value
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+    expected = "a number" if names == ["float"] else " or ".join(names)
+    raise ConfigError(f"config key '{key}' expects {expected}, got {value!r}")
 
 
 def _apply(target: Any, values: dict, prefix: str = "") -> None:
@@ -184,7 +179,7 @@ def _set_dotted(config: Config, assignment: str) -> None:
         target[parts[-1]] = value
     else:
         field_types = {f.name: f.type for f in dataclasses.fields(target)}
-        if field_types.get(parts[-1]) in ("str", str):
+        if field_types.get(parts[-1]) == "str":
             value = raw  # a string field takes the text as typed: `no` stays "no", not False
 
         _apply(target, {parts[-1]: value}, ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
@@ -205,6 +200,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set_dotted(config, assignment)
     check_values(config)
     return config
+
+
+def chat_set_settings(data: DataConfig) -> str:
+    """The data settings in use that work on the items of a set of chats and documents read whole (moving and
+    mirroring pictures, keeping them decoded), not on preference pairs or a stream of shards; "" if none."""
+    named = {"data.augment_shift": data.augment_shift, "data.augment_flip": data.augment_flip,
+             "data.cache_pictures_mb": data.cache_pictures_mb}
+    return " and ".join(name for name, value in named.items() if value)
 
 
 def check_values(config: Config) -> None:
@@ -259,11 +262,8 @@ def check_values(config: Config) -> None:
     if train.objective == "dpo" and not config.model.init_from:
         raise ConfigError("train.objective=dpo needs model.init_from: the saved model to start from, which is also the "
                           "frozen reference the policy is measured against")
-    if train.objective == "dpo" and data.cache_pictures_mb:
-        raise ConfigError("data.cache_pictures_mb keeps the decoded pictures of chats and documents, not of preference "
-                          "pairs: set it to 0 for train.objective=dpo")
-    if train.objective == "dpo" and (data.augment_shift or data.augment_flip):
-        raise ConfigError("data.augment_shift and data.augment_flip augment chats and documents, not preference pairs "
+    if train.objective == "dpo" and (settings := chat_set_settings(data)):
+        raise ConfigError(f"{settings}: for the chats and documents of a set read whole, not for preference pairs "
                           "(train.objective=dpo)")
     if train.objective == "dpo" and train.packing:
         raise ConfigError("train.packing does not apply to train.objective=dpo (each pair is two padded rows); set "

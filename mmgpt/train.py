@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmgpt import checkpoint
 from mmgpt.answer_head import AnswerHead
 from mmgpt.build import build, load_saved
-from mmgpt.config import Config, ConfigError, check_values
+from mmgpt.config import Config, ConfigError, chat_set_settings, check_values
 from mmgpt.data.augment import Augment
 from mmgpt.data.dataset import EncodedDataset, SampleEncoder
 from mmgpt.data.formats import detect_format, iter_samples, read_samples
@@ -259,12 +259,9 @@ def train(config: Config, on_step: Callable[[int, dict], None] | None = None) ->
     dpo = config.train.objective == "dpo"
     make_set = PairDataset if dpo else EncodedDataset
     augment = Augment(config.data.augment_shift, config.data.augment_flip, config.seed)
-    if augment.active and stream:
-        raise ConfigError("data.augment_shift and data.augment_flip work on a training set read whole (JSONL, LLaVA "
-                          "JSON, a Hugging Face dataset), not on a stream of shards")
-    if config.data.cache_pictures_mb and stream:
-        raise ConfigError("data.cache_pictures_mb keeps the pictures of a training set read whole (JSONL, LLaVA JSON, "
-                          "a Hugging Face dataset), not of a stream of shards")
+    if stream and (settings := chat_set_settings(config.data)):
+        raise ConfigError(f"{settings}: for a training set read whole (JSONL, LLaVA JSON, a Hugging Face "
+                          "dataset), not for a stream of shards")
     if dpo:
         train_set = PairDataset(train_samples, processor, max_length, config.data.skip_bad_records)
     else:

@@ -79,7 +79,7 @@ def test_draws_are_a_function_of_step_and_index_and_mirrored_items_carry_mirrore
     ("data.augment_flip=x", "'data.augment_flip' must be one of '', 'h', 'v', 'hv', got 'x'"),
     ("data.augment_shift=-1", "'data.augment_shift' must be 0 \\(no moves\\) or more pixels"),
     ("data.cache_pictures_mb=-1", "'data.cache_pictures_mb' must be 0 \\(off\\) or more, got -1"),
-    ("train.objective=dpo", "not preference pairs"),
+    ("train.objective=dpo", "^data.augment_flip: for the chats and documents .* not for preference pairs"),
 ])
 def test_bad_augment_settings_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):
@@ -121,5 +121,5 @@ def test_decoded_pictures_are_kept_within_the_budget_and_come_back_unchanged(tin
 
 
 def test_a_picture_cache_for_preference_pairs_is_refused():
-    with pytest.raises(ConfigError, match="data.cache_pictures_mb keeps the decoded pictures of chats"):
+    with pytest.raises(ConfigError, match="^data.cache_pictures_mb: for the chats .* not for preference pairs"):
         load_config(None, ["train.objective=dpo", "model.init_from=somewhere", "data.cache_pictures_mb=64"])
